@@ -1,0 +1,55 @@
+"""The `imglish` command: one argparse parser whose subcommands call the public Python API.
+
+Each concern registers its own subcommands from a module of this package (``model_cmds``, ``tokenizer_cmds``,
+``data_cmds``, ``train_cmds``); nothing but argument parsing lives here. ``main(argv)`` returns an exit code so
+tests can run the CLI in-process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+__all__ = ["build_parser", "main"]
+
+# Modules that contribute subcommands; each defines ``register(subparsers) -> None`` and sets
+# ``func`` on its parsers via ``set_defaults(func=...)`` where ``func(args) -> int``.
+_COMMAND_MODULES = ("model_cmds", "tokenizer_cmds", "data_cmds", "train_cmds")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="imglish",
+        description="BEiT-3 in PyTorch: models, tokenizers, data, pretraining and parity checks.",
+    )
+    from imglish import __version__
+
+    parser.add_argument("--version", action="version", version=f"imglish {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"imglish.cli.{name}")
+        except ModuleNotFoundError as err:  # a concern not built yet
+            if err.name == f"imglish.cli.{name}":
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"imglish {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
