@@ -1,0 +1,328 @@
+"""The seeded, resumable, rank- and worker-sharded three-stream sampler of pretraining.
+
+Every sample is addressed by a *global slot*: at optimizer step ``s`` the stream with global batch ``G`` uses slots
+``s * G ... s * G + G - 1``. Slot ``g`` reads record ``perm_e[g mod L]`` of its source (``L`` records), where
+``perm_e`` is a permutation drawn from ``(seed, stream, epoch e = g div L)``. The slots of a step are split into
+``world_size * accum_steps`` equal micro-batches; rank ``r`` takes micro-batches ``r * A ... r * A + A - 1``.
+Every random choice made for a sample (crop, flip, masks) is seeded by ``(seed, stream, g)`` alone.
+
+So the set of samples of a step, and everything done to them, depends on the seed and the step only, not on the
+number of processes, the number of DataLoader workers or on where a run was interrupted: the data position of a
+checkpoint is simply its step. A record that cannot be read is skipped (counted, or an error with ``strict``) and
+replaced by the next record of the same permutation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+__all__ = [
+    "StreamSources",
+    "SampleMaker",
+    "StepBatches",
+    "sample_seed",
+    "split_heldout",
+    "make_step_loader",
+]
+
+_STREAM_IDS = {"image": 1, "text": 2, "pair": 3}
+
+
+def sample_seed(seed: int, stream: str, slot: int, salt: int = 0) -> int:
+    """A 63-bit seed derived from ``(seed, stream, slot, salt)`` (stable across processes and platforms)."""
+    h = hashlib.blake2b(f"{seed}/{stream}/{slot}/{salt}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
+@dataclass
+class StreamSources:
+    """The records of the three streams; each is index-addressable (``len`` and ``[i]``) or ``None``.
+
+    Attributes:
+        images: ``[i]`` gives a PIL image (or a record with an ``image`` attribute/key).
+        texts: ``[i]`` gives a string (or a record with a ``text`` attribute/key).
+        pairs: ``[i]`` gives ``(image, caption)`` (or a record with ``image`` and ``text``/``caption``).
+    """
+
+    images: Sequence[Any] | None = None
+    texts: Sequence[Any] | None = None
+    pairs: Sequence[Any] | None = None
+
+    def get(self, stream: str) -> Sequence[Any] | None:
+        return {"image": self.images, "text": self.texts, "pair": self.pairs}[stream]
+
+
+class _Subset:
+    """A view of some indices of a sequence (keeps ``len`` and ``[i]``)."""
+
+    def __init__(self, base: Sequence[Any], indices: Sequence[int]) -> None:
+        self.base, self.indices = base, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.base[self.indices[i]]
+
+
+def split_heldout(sources: StreamSources, fraction: float, seed: int) -> tuple[StreamSources, StreamSources]:
+    """Split each stream into training and held-out records by a seeded permutation.
+
+    Returns:
+        ``(train, heldout)``; a stream with fewer than 2 records keeps all of them for training.
+    """
+    train, held = StreamSources(), StreamSources()
+    for stream, attr in (("image", "images"), ("text", "texts"), ("pair", "pairs")):
+        src = sources.get(stream)
+        if src is None:
+            continue
+        n = len(src)
+        k = int(n * fraction) if n >= 2 else 0
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(sample_seed(seed, stream, -1))).tolist()
+        setattr(train, attr, _Subset(src, sorted(perm[k:])))
+        setattr(held, attr, _Subset(src, sorted(perm[:k])) if k else None)
+    return train, held
+
+
+def _field(record: Any, *names: str) -> Any:
+    for n in names:
+        if isinstance(record, dict) and n in record:
+            return record[n]
+        if hasattr(record, n):
+            return getattr(record, n)
+    raise KeyError(names[0])
+
+
+class SampleMaker:
+    """Turns one record into tensors, with every random choice seeded by the sample's own seed.
+
+    Args:
+        encode: ``text -> list[int]`` with BOS and EOS (the text tokenizer's ``encode``).
+        image_transform: ``(PIL image) -> (normalised (3, H, W), tokenizer view (3, H, W) in [0, 1])``.
+        num_patches_side: patches per side of the model's grid.
+        max_text_len: length of every text row (padded with ``pad_id``, truncated keeping EOS).
+        mask_id: id of ``<mask>``; pad_id, eos_id: the tokenizer's ids.
+        image_mask_ratio, text_mask_prob, pair_text_mask_prob, pair_image_mask_ratio, replace_80_10_10,
+        min_block_patches: the masking of :class:`imglish.training.config.ObjectiveConfig`.
+    """
+
+    def __init__(
+        self,
+        encode: Callable[[str], list[int]],
+        image_transform: Callable[[Any], tuple[torch.Tensor, torch.Tensor]] | None,
+        num_patches_side: int,
+        max_text_len: int,
+        mask_id: int,
+        pad_id: int = 1,
+        eos_id: int = 2,
+        bos_id: int = 0,
+        image_mask_ratio: float = 0.4,
+        text_mask_prob: float = 0.15,
+        pair_text_mask_prob: float = 0.5,
+        pair_image_mask_ratio: float = 0.0,
+        replace_80_10_10: bool = False,
+        min_block_patches: int = 4,
+    ) -> None:
+        from imglish.data.masking import BlockMaskGenerator
+
+        self.encode, self.image_transform = encode, image_transform
+        self.max_text_len, self.mask_id = max_text_len, mask_id
+        self.pad_id, self.eos_id, self.bos_id = pad_id, eos_id, bos_id
+        self.text_mask_prob, self.pair_text_mask_prob = text_mask_prob, pair_text_mask_prob
+        self.replace_80_10_10 = replace_80_10_10
+        side = num_patches_side
+        min_block = max(1, min(min_block_patches, int(round(image_mask_ratio * side * side))))
+
+        def gen(ratio: float) -> BlockMaskGenerator | None:
+            if ratio <= 0:
+                return None
+            return BlockMaskGenerator.from_ratio(side, ratio, min_num_patches=max(1, min(min_block, int(round(ratio * side * side)))))
+
+        self.image_masker = gen(image_mask_ratio)
+        self.pair_image_masker = gen(pair_image_mask_ratio)
+
+    def _text(self, text: str, prob: float, seed: int) -> dict[str, torch.Tensor]:
+        from imglish.data.masking import mask_text
+
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError("empty text")
+        ids = list(self.encode(text))
+        if len(ids) > self.max_text_len:
+            ids = ids[: self.max_text_len - 1] + [self.eos_id]
+        n = len(ids)
+        row = torch.full((1, self.max_text_len), self.pad_id, dtype=torch.long)
+        row[0, :n] = torch.tensor(ids, dtype=torch.long)
+        pad = torch.ones((1, self.max_text_len), dtype=torch.long)
+        pad[0, :n] = 0
+        g = torch.Generator().manual_seed(seed)
+        masked, tmask = mask_text(
+            row, pad, prob, mask_id=self.mask_id, protected_ids=(self.bos_id, self.eos_id),
+            replace_80_10_10=self.replace_80_10_10, generator=g,
+        )
+        return {"text_ids": masked[0], "padding_mask": pad[0], "text_mask": tmask[0], "text_targets": row[0]}
+
+    def _image(self, image: Any, seed: int, masker: Any) -> dict[str, torch.Tensor]:
+        if self.image_transform is None:
+            raise ValueError("no image transform configured")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            pixels, tok_view = self.image_transform(image)
+        out = {"image": pixels, "tokenizer_image": tok_view}
+        if masker is not None:
+            out["image_mask"] = masker(rng=np.random.default_rng(seed ^ 0x5DEECE66D))
+        return out
+
+    def __call__(self, stream: str, record: Any, seed: int) -> dict[str, torch.Tensor]:
+        """Tensors of one sample of ``stream`` (see :class:`MaskedDataModeling` for the keys)."""
+        if stream == "image":
+            img = record if not isinstance(record, dict) and not hasattr(record, "image") else _field(record, "image")
+            return self._image(img, seed, self.image_masker)
+        if stream == "text":
+            text = record if isinstance(record, str) else _field(record, "text")
+            return self._text(text, self.text_mask_prob, seed)
+        if stream == "pair":
+            if isinstance(record, tuple):
+                img, text = record
+            else:
+                img, text = _field(record, "image"), _field(record, "text", "caption")
+            out = self._text(text, self.pair_text_mask_prob, seed)
+            out.update(self._image(img, seed + 1, self.pair_image_masker))
+            return out
+        raise ValueError(f"unknown stream {stream!r}")
+
+
+def _is_bad(record: Any) -> bool:
+    return type(record).__name__ == "SkippedRecord"
+
+
+class StepBatches(Dataset):
+    """Map-style dataset whose item ``k`` is micro-batch ``k mod A`` of step ``k div A`` of this rank.
+
+    Args:
+        sources: the records (training split).
+        maker: the :class:`SampleMaker`.
+        batch_sizes: global samples per step for each stream (``{"image": 2048, ...}``; 0 leaves a stream out).
+        seed: the run's seed.
+        rank, world_size: this process and the number of processes.
+        accum_steps: micro-steps per optimizer step.
+        skip_counter: optional object with ``report(source, record, cause)`` (``imglish.data`` skip counter); when
+            absent a bad record raises.
+        max_retries: records tried in a row before giving up on a slot.
+    """
+
+    def __init__(
+        self,
+        sources: StreamSources,
+        maker: SampleMaker,
+        batch_sizes: dict[str, int],
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        accum_steps: int = 1,
+        skip_counter: Any = None,
+        max_retries: int = 100,
+    ) -> None:
+        self.sources, self.maker, self.seed = sources, maker, seed
+        self.rank, self.world_size, self.accum_steps = rank, world_size, accum_steps
+        self.skip_counter, self.max_retries = skip_counter, max_retries
+        self.batch_sizes = {}
+        for stream, size in batch_sizes.items():
+            if size <= 0:
+                continue
+            src = sources.get(stream)
+            if src is None or len(src) == 0:
+                raise ValueError(f"data: the {stream} stream has batch size {size} but no records")
+            parts = world_size * accum_steps
+            if size % parts:
+                raise ValueError(
+                    f"data.{stream}_batch ({size}) must be divisible by world_size x accum_steps "
+                    f"({world_size} x {accum_steps} = {parts})"
+                )
+            self.batch_sizes[stream] = size
+        self._perm_cache: dict[tuple[str, int], list[int]] = {}
+        self.skipped = 0
+
+    def micro_batch_size(self, stream: str) -> int:
+        return self.batch_sizes[stream] // (self.world_size * self.accum_steps)
+
+    def __len__(self) -> int:  # unbounded in principle; the sampler decides what is read
+        return 2**62
+
+    def _perm(self, stream: str, epoch: int) -> list[int]:
+        key = (stream, epoch)
+        if key not in self._perm_cache:
+            if len(self._perm_cache) > 8:
+                self._perm_cache.clear()
+            n = len(self.sources.get(stream))
+            g = torch.Generator().manual_seed(sample_seed(self.seed, stream, epoch, salt=7))
+            self._perm_cache[key] = torch.randperm(n, generator=g).tolist()
+        return self._perm_cache[key]
+
+    def sample(self, stream: str, slot: int) -> dict[str, torch.Tensor]:
+        """The tensors of global slot ``slot`` of ``stream`` (a bad record gives way to the next one)."""
+        src = self.sources.get(stream)
+        n = len(src)
+        for attempt in range(self.max_retries):
+            pos = slot + attempt * 1_000_003  # a bad record is replaced by one far along the permutation
+            index = self._perm(stream, pos // n)[pos % n]
+            try:
+                record = src[index]
+                if _is_bad(record):
+                    raise ValueError(getattr(record, "reason", "bad record"))
+                return self.maker(stream, record, sample_seed(self.seed, stream, slot))
+            except Exception as err:  # noqa: BLE001 - every bad record is counted, none is dropped silently
+                if self.skip_counter is None:
+                    raise
+                self.skipped += 1
+                self.skip_counter.report(f"pretraining/{stream}", index, repr(err))
+        raise RuntimeError(f"{stream} stream: {self.max_retries} bad records in a row around slot {slot}")
+
+    def slots(self, stream: str, step: int, micro: int) -> range:
+        """Global slots of ``stream`` in micro-batch ``micro`` of ``step`` on this rank."""
+        mb = self.micro_batch_size(stream)
+        start = step * self.batch_sizes[stream] + (self.rank * self.accum_steps + micro) * mb
+        return range(start, start + mb)
+
+    def __getitem__(self, k: int) -> dict[str, dict[str, torch.Tensor]]:
+        step, micro = divmod(int(k), self.accum_steps)
+        batch: dict[str, dict[str, torch.Tensor]] = {}
+        for stream in self.batch_sizes:
+            samples = [self.sample(stream, g) for g in self.slots(stream, step, micro)]
+            batch[stream] = {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
+        return batch
+
+
+class _Range(torch.utils.data.Sampler):
+    def __init__(self, start: int, stop: int) -> None:
+        self.start, self.stop = start, stop
+
+    def __iter__(self):
+        return iter(range(self.start, self.stop))
+
+    def __len__(self) -> int:
+        return max(self.stop - self.start, 0)
+
+
+def make_step_loader(
+    dataset: StepBatches, start_step: int, max_steps: int, num_workers: int = 0
+) -> DataLoader:
+    """A DataLoader yielding this rank's micro-batches from ``start_step`` to ``max_steps`` (exclusive), in order.
+
+    Workers each build whole micro-batches; as every sample is seeded by its slot, the result does not depend on
+    ``num_workers``.
+    """
+    A = dataset.accum_steps
+    return DataLoader(
+        dataset,
+        sampler=_Range(start_step * A, max_steps * A),
+        batch_size=None,
+        num_workers=num_workers,
+        persistent_workers=False,
+        prefetch_factor=2 if num_workers > 0 else None,
+    )
