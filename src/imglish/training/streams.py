@@ -15,6 +15,7 @@ replaced by the next record of the same permutation.
 from __future__ import annotations
 
 import hashlib
+import random
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -170,9 +171,14 @@ class SampleMaker:
     def _image(self, image: Any, seed: int, masker: Any) -> dict[str, torch.Tensor]:
         if self.image_transform is None:
             raise ValueError("no image transform configured")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            pixels, tok_view = self.image_transform(image)
+        py_state = random.getstate()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                random.seed(seed)
+                pixels, tok_view = self.image_transform(image)
+        finally:
+            random.setstate(py_state)
         out = {"image": pixels, "tokenizer_image": tok_view}
         if masker is not None:
             out["image_mask"] = masker(rng=np.random.default_rng(seed ^ 0x5DEECE66D))

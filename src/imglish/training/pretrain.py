@@ -1,0 +1,458 @@
+"""``pretrain(cfg)``: everything between a data folder and ``OUT/model.safetensors``.
+
+Steps, each reusing what an earlier run left in ``OUT`` when it is there:
+
+1. the text tokenizer: ``data.text_tokenizer``, else ``OUT/tokenizers/text.model`` (trained here on the world's text
+   corpus and captions if missing);
+2. the visual tokenizer: ``data.visual_tokenizer``, else ``OUT/tokenizers/vqkd.pt`` (trained here on the world's
+   images if missing);
+3. the three streams (image-only set, text corpus, caption pairs) from the data folder, and their held-out parts;
+4. the model (``imglish.create_model``), the :class:`Trainer` (resuming the newest checkpoint with
+   ``checkpoint.resume``), the loop;
+5. the final model as ``OUT/model.safetensors`` (plus ``OUT/model_official.pth`` when asked), and the held-out
+   masked-token accuracy of each loss term next to a most-frequent-token baseline in ``OUT/summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from imglish.tasks.pretraining import TERMS, MaskedDataModeling, attach_visual_targets
+from imglish.training import parallel
+from imglish.training.checkpoint import atomic_torch_save
+from imglish.training.config import TrainConfig, save_config
+from imglish.training.streams import SampleMaker, StepBatches, StreamSources, split_heldout
+from imglish.training.trainer import Trainer, TrainResult, to_device
+
+__all__ = [
+    "PretrainSummary",
+    "pretrain",
+    "evaluate_heldout",
+    "prepare_text_tokenizer",
+    "prepare_visual_tokenizer",
+    "load_world_sources",
+    "build_image_transform",
+]
+
+
+@dataclass
+class PretrainSummary:
+    """What a pretraining run produced and measured.
+
+    Attributes:
+        out: the run folder.
+        model_path: ``OUT/model.safetensors``.
+        steps: optimizer steps done; skipped_steps: of which skipped (non-finite).
+        samples_per_s: mean training throughput of this process's run (all streams).
+        heldout: per loss term ``"stream.kind"``: ``accuracy``, ``baseline_accuracy`` (most frequent training
+            token), ``loss`` and ``tokens`` on held-out data.
+        history: the logged training rows.
+        bad_records: bad records skipped by the readers and the sampler, by source.
+    """
+
+    out: str
+    model_path: str
+    steps: int
+    skipped_steps: int
+    samples_per_s: float
+    heldout: dict[str, dict[str, float]] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+    bad_records: dict[str, int] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------- tokenizers
+def prepare_text_tokenizer(cfg: TrainConfig, corpus_files: list[Path], is_main: bool = True) -> Any:
+    """Load ``data.text_tokenizer``, or train (rank 0) / reuse ``OUT/tokenizers/text.model``."""
+    from imglish.tokenizers.text import TextTokenizer, train_sentencepiece
+
+    if cfg.data.text_tokenizer:
+        return TextTokenizer(cfg.data.text_tokenizer)
+    path = Path(cfg.out) / "tokenizers" / "text.model"
+    if is_main and not path.exists():
+        if not corpus_files:
+            raise ValueError("no text tokenizer given (data.text_tokenizer) and no text files in the data folder to train one")
+        train_sentencepiece(corpus_files, cfg.data.text_vocab_size - 2, path, seed=cfg.seed)
+    parallel.barrier()
+    return TextTokenizer(path)
+
+
+def prepare_visual_tokenizer(cfg: TrainConfig, image_dir: Path | None, is_main: bool = True) -> nn.Module:
+    """Load ``data.visual_tokenizer``, or train (rank 0) / reuse ``OUT/tokenizers/vqkd.pt``."""
+    from imglish.tokenizers import vqkd
+
+    path = Path(cfg.data.visual_tokenizer) if cfg.data.visual_tokenizer else Path(cfg.out) / "tokenizers" / "vqkd.pt"
+    if is_main and not path.exists():
+        if cfg.data.visual_tokenizer:
+            raise FileNotFoundError(f"data.visual_tokenizer {str(path)!r} does not exist")
+        if image_dir is None:
+            raise ValueError("no visual tokenizer given (data.visual_tokenizer) and no images to train one")
+        vqkd.train_visual_tokenizer(
+            image_dir, path, **_vqkd_train_kwargs(cfg)
+        )
+    parallel.barrier()
+    return vqkd.load_vqkd(path)
+
+
+def _vqkd_train_kwargs(cfg: TrainConfig) -> dict[str, Any]:
+    return {
+        "image_size": cfg.model.img_size,
+        "patch_size": cfg.model.patch_size,
+        "n_code": cfg.data.visual_tokenizer_codes,
+        "steps": cfg.data.visual_tokenizer_steps,
+        "seed": cfg.seed,
+        "progress": cfg.logging.progress,
+    }
+
+
+# --------------------------------------------------------------------------------------------- data
+def build_image_transform(image_size: int, augment: bool) -> Callable[[Any], tuple[torch.Tensor, torch.Tensor]]:
+    """``PIL image -> (normalised (3, S, S), [0, 1] (3, S, S))``: the BEiT two-view pretraining transform, or a
+    plain bicubic resize when ``augment`` is off."""
+    from imglish.tokenizers.transforms import build_transform
+
+    if augment:
+        return build_transform("pretraining", image_size, train=True)
+    return _PlainTwoView(image_size)
+
+
+class _PlainTwoView:
+    """Squash-resize (bicubic) to ``size``; returns the 0.5-normalised view and the [0, 1] view."""
+
+    def __init__(self, size: int) -> None:
+        from torchvision.transforms import InterpolationMode, v2
+
+        self.tf = v2.Compose([
+            v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
+            v2.Resize((size, size), interpolation=InterpolationMode.BICUBIC, antialias=True),
+        ])
+
+    def __call__(self, img: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.tf(img).clamp(0, 1)
+        return (x - 0.5) / 0.5, x
+
+
+class _LazyImages:
+    """Image files read with ``imglish.load_image`` on access."""
+
+    def __init__(self, files: list[Path]) -> None:
+        self.files = files
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> Any:
+        from imglish.tokenizers.image import load_image
+
+        return load_image(self.files[i])
+
+
+class _LazyPairs:
+    """``(image, caption)`` with the image read on access."""
+
+    def __init__(self, items: list[tuple[Path, str]]) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[Any, str]:
+        from imglish.tokenizers.image import load_image
+
+        path, caption = self.items[i]
+        return load_image(path), caption
+
+
+_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+
+
+def load_world_sources(path: str | os.PathLike, split: str) -> tuple[StreamSources, list[Path]]:
+    """The three streams of a folder written by ``imglish data shapes`` (``docs/data.md`` has the layout).
+
+    * images: every image file under ``imagenet/<split>/`` (the image-only set);
+    * texts: the non-empty lines of ``text/<split>.txt`` (the text-only corpus);
+    * pairs: every (image, caption) of ``coco/dataset_coco.json`` whose Karpathy split is ``split`` (``restval``
+      counts as ``train``).
+
+    Returns:
+        ``(sources, text_files)``: the streams, and the text files a text tokenizer can be trained on.
+
+    Raises:
+        FileNotFoundError: if none of the three parts exists under ``path``.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data folder {str(root)!r} does not exist")
+    sources = StreamSources()
+    text_files: list[Path] = []
+    img_dir = root / "imagenet" / split
+    if img_dir.is_dir():
+        files = sorted(p for p in img_dir.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES)
+        sources.images = _LazyImages(files) if files else None
+    text_file = root / "text" / f"{split}.txt"
+    if text_file.is_file():
+        lines = [ln.strip() for ln in text_file.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        sources.texts = lines or None
+        text_files.append(text_file)
+    karpathy = root / "coco" / "dataset_coco.json"
+    if karpathy.is_file():
+        data = json.loads(karpathy.read_text(encoding="utf-8"))
+        want = {"train", "restval"} if split == "train" else {split}
+        items = []
+        for img in data["images"]:
+            if img.get("split") in want:
+                file = root / "coco" / img.get("filepath", "") / img["filename"]
+                items.extend((file, s["raw"]) for s in img["sentences"] if s.get("raw", "").strip())
+        sources.pairs = _LazyPairs(items) if items else None
+        if split == "train" and items:
+            cap_file = root / "coco" / ".captions_train.txt"
+            if not cap_file.exists():
+                tmp = cap_file.with_suffix(".tmp")
+                tmp.write_text("\n".join(c for _, c in items) + "\n", encoding="utf-8")
+                os.replace(tmp, cap_file)
+            text_files.append(cap_file)
+    if sources.images is None and sources.texts is None and sources.pairs is None:
+        raise FileNotFoundError(
+            f"{str(root)!r} has none of imagenet/{split}/, text/{split}.txt, coco/dataset_coco.json; "
+            "create a world with `imglish data shapes --out DIR`"
+        )
+    return sources, text_files
+
+
+# --------------------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate_heldout(
+    model: nn.Module,
+    dataset: StepBatches,
+    num_batches: int,
+    visual_tokenizer: Any,
+    device: torch.device,
+    baseline_counts: dict[str, Counter] | None = None,
+) -> dict[str, dict[str, float]]:
+    """Masked-token accuracy of each loss term on held-out micro-batches (model in eval mode).
+
+    Args:
+        baseline_counts: per term, counts of the training targets; the most frequent one is the trivial
+            baseline whose accuracy on the same held-out targets is reported as ``baseline_accuracy``.
+    """
+    mdm = MaskedDataModeling(model).eval()
+    was_training = model.training
+    model.eval()
+    sums: dict[str, list[float]] = {}
+    baseline_hits: Counter = Counter()
+    for k in range(num_batches):
+        batch = to_device(dataset[k], device)
+        if visual_tokenizer is not None:
+            attach_visual_targets(batch, visual_tokenizer)
+        out = mdm(batch)
+        for name in out.count:
+            s = sums.setdefault(name, [0.0, 0.0, 0.0])
+            s[0] += float(out.loss_sum[name])
+            s[1] += float(out.count[name])
+            s[2] += float(out.correct[name])
+        if baseline_counts:
+            for name, targets in _targets(batch).items():
+                if name in baseline_counts and baseline_counts[name]:
+                    top = baseline_counts[name].most_common(1)[0][0]
+                    baseline_hits[name] += int((targets == top).sum())
+    model.train(was_training)
+    result = {}
+    for name, (loss, count, correct) in sums.items():
+        result[name] = {"accuracy": correct / count, "loss": loss / count, "tokens": count}
+        if baseline_counts:
+            result[name]["baseline_accuracy"] = baseline_hits[name] / count
+    return result
+
+
+def _targets(batch: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    out = {}
+    for stream, kind in TERMS:
+        part = batch.get(stream)
+        if part is None:
+            continue
+        if kind == "mim" and part.get("image_mask") is not None and part.get("visual_targets") is not None:
+            out[f"{stream}.mim"] = part["visual_targets"][part["image_mask"]].cpu()
+        if kind == "mlm" and part.get("text_mask") is not None:
+            out[f"{stream}.mlm"] = part["text_targets"][part["text_mask"]].cpu()
+    return out
+
+
+@torch.no_grad()
+def training_target_counts(dataset: StepBatches, num_batches: int, visual_tokenizer: Any, device: torch.device) -> dict[str, Counter]:
+    """Counts of the prediction targets over the first ``num_batches`` training micro-batches."""
+    counts: dict[str, Counter] = {}
+    for k in range(num_batches):
+        batch = to_device(dataset[k], device)
+        if visual_tokenizer is not None:
+            attach_visual_targets(batch, visual_tokenizer)
+        for name, t in _targets(batch).items():
+            counts.setdefault(name, Counter()).update(t.tolist())
+    return counts
+
+
+# --------------------------------------------------------------------------------------------- main entry
+def _build_model(cfg: TrainConfig, vocab_size: int, num_visual_tokens: int) -> nn.Module:
+    import imglish
+
+    torch.manual_seed(cfg.seed)
+    kwargs = dict(
+        img_size=cfg.model.img_size, patch_size=cfg.model.patch_size, vocab_size=vocab_size,
+        num_visual_tokens=num_visual_tokens, drop_path_rate=cfg.model.drop_path_rate,
+    )
+    if cfg.model.init_from:
+        return imglish.create_model(cfg.model.name, pretrained=cfg.model.init_from, **kwargs)
+    return imglish.create_model(cfg.model.name, **kwargs)
+
+
+def export_model(model: nn.Module, out: Path, official: bool = False) -> Path:
+    """Write ``OUT/model.safetensors`` (our format) and optionally ``OUT/model_official.pth`` (official layout)."""
+    import imglish
+
+    path = imglish.save_model(model, out / "model.safetensors")
+    if official:
+        from imglish.model.convert import to_official
+
+        atomic_torch_save({"model": to_official(model)}, out / "model_official.pth")
+    return Path(path)
+
+
+def pretrain(
+    cfg: TrainConfig,
+    *,
+    model: nn.Module | None = None,
+    visual_tokenizer: Any = None,
+    text_encode: Callable[[str], list[int]] | None = None,
+    sources: StreamSources | None = None,
+    heldout_sources: StreamSources | None = None,
+    vocab_size: int | None = None,
+    mask_id: int | None = None,
+    loss_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+    on_step: Callable[[Trainer, dict[str, float]], None] | None = None,
+) -> PretrainSummary:
+    """Run masked data modeling pretraining as ``cfg`` describes (call on every rank under torchrun).
+
+    The keyword arguments replace the parts normally built from ``cfg`` (tests pass small stand-ins); leave them
+    out to get the tokenizers, data and model that ``cfg`` names.
+
+    Returns:
+        The :class:`PretrainSummary` (also written to ``OUT/summary.json`` by rank 0).
+    """
+    cfg.validate()
+    device = parallel.resolve_device(cfg.parallel.device, int(os.environ.get("LOCAL_RANK", "0")))
+    info = parallel.init_distributed(cfg.parallel.backend, device)
+    if cfg.parallel.threads > 0:
+        torch.set_num_threads(cfg.parallel.threads)
+    out = Path(cfg.out)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.json")
+    skip_counter = None
+    if sources is None:
+        if not cfg.data.path:
+            raise ValueError("data.path (--data) is required: a folder written by `imglish data shapes`")
+        sources, text_files = load_world_sources(cfg.data.path, "train")
+        if heldout_sources is None:
+            try:
+                heldout_sources, _ = load_world_sources(cfg.data.path, "val")
+            except FileNotFoundError:
+                heldout_sources = None
+    else:
+        text_files = []
+    if heldout_sources is None:
+        sources, heldout_sources = split_heldout(sources, cfg.data.heldout_fraction, cfg.seed)
+    if text_encode is None:
+        tok = prepare_text_tokenizer(cfg, text_files, info.is_main)
+        text_encode, vocab_size, mask_id = tok.encode, tok.vocab_size, tok.mask_token_id
+        pad_id, eos_id, bos_id = tok.pad_token_id, tok.eos_token_id, tok.bos_token_id
+    else:
+        if vocab_size is None or mask_id is None:
+            raise ValueError("text_encode needs vocab_size and mask_id")
+        pad_id, eos_id, bos_id = 1, 2, 0
+    if visual_tokenizer is None:
+        image_dir = Path(cfg.data.path) / "imagenet" / "train" if cfg.data.path else None
+        visual_tokenizer = prepare_visual_tokenizer(cfg, image_dir, info.is_main)
+    num_codes = _num_codes(visual_tokenizer)
+    if model is None:
+        model = _build_model(cfg, vocab_size, num_codes)
+    side = cfg.model.img_size // cfg.model.patch_size
+    o = cfg.objective
+
+    def maker(augment: bool) -> SampleMaker:
+        return SampleMaker(
+            text_encode, build_image_transform(cfg.model.img_size, augment), side, cfg.data.max_text_len, mask_id,
+            pad_id=pad_id, eos_id=eos_id, bos_id=bos_id, image_mask_ratio=o.image_mask_ratio,
+            text_mask_prob=o.text_mask_prob, pair_text_mask_prob=o.pair_text_mask_prob,
+            pair_image_mask_ratio=o.pair_image_mask_ratio, replace_80_10_10=o.replace_80_10_10,
+            min_block_patches=o.min_block_patches,
+        )
+
+    sizes = {"image": cfg.data.image_batch, "text": cfg.data.text_batch, "pair": cfg.data.pair_batch}
+    dataset = StepBatches(
+        sources, maker(cfg.data.augment), sizes, cfg.seed, info.rank, info.world_size, cfg.optim.accum_steps,
+        skip_counter=None if cfg.data.strict else (skip_counter or _CountingSkips()),
+    )
+    trainer = Trainer(cfg, model, dataset, visual_tokenizer, info, device, loss_hook=loss_hook)
+    if cfg.checkpoint.resume:
+        trainer.maybe_resume()
+    result: TrainResult = trainer.train(on_step=on_step)
+
+    summary = PretrainSummary(
+        out=str(out), model_path=str(out / "model.safetensors"), steps=result.step,
+        skipped_steps=result.skipped_steps, samples_per_s=result.samples_per_s, history=result.history,
+    )
+    if info.is_main:
+        export_model(model, out, cfg.checkpoint.export_official)
+        eval_sizes = {s: max(n // max(info.world_size * cfg.optim.accum_steps, 1), 1) for s, n in sizes.items() if n}
+        usable = {s: n for s, n in eval_sizes.items() if heldout_sources.get(s) is not None}
+        if usable and cfg.data.heldout_batches > 0:
+            held = StepBatches(heldout_sources, maker(False), usable, cfg.seed + 1)
+            train_plain = StepBatches(sources, maker(False), usable, cfg.seed + 2)
+            counts = training_target_counts(train_plain, max(cfg.data.heldout_batches, 4), visual_tokenizer, device)
+            summary.heldout = evaluate_heldout(model, held, cfg.data.heldout_batches, visual_tokenizer, device, counts)
+        summary.bad_records = _bad_counts(skip_counter, dataset)
+        tmp = out / "summary.json.tmp"
+        tmp.write_text(json.dumps(asdict(summary), indent=2) + "\n")
+        os.replace(tmp, out / "summary.json")
+    parallel.barrier()
+    return summary
+
+
+def _num_codes(visual_tokenizer: Any) -> int:
+    for attr in ("n_code", "num_codes", "num_tokens"):
+        if hasattr(visual_tokenizer, attr):
+            return int(getattr(visual_tokenizer, attr))
+    cfg = getattr(visual_tokenizer, "config", None)
+    if cfg is not None and hasattr(cfg, "n_code"):
+        return int(cfg.n_code)
+    raise ValueError("cannot tell the codebook size of the visual tokenizer (expected n_code or config.n_code)")
+
+
+class _CountingSkips:
+    """Fallback bad-record counter when the readers bring none."""
+
+    def __init__(self) -> None:
+        self.counts: Counter = Counter()
+
+    def report(self, source: str, record: Any, cause: str) -> None:
+        self.counts[source] += 1
+
+
+def _bad_counts(reader_counter: Any, dataset: StepBatches) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for c in (reader_counter, dataset.skip_counter):
+        if c is None:
+            continue
+        raw = getattr(c, "counts", None)
+        if callable(raw):
+            raw = raw()
+        if isinstance(raw, dict):
+            for k, v in raw.items():
+                counts[str(k)] = counts.get(str(k), 0) + (int(v) if not isinstance(v, dict) else sum(v.values()))
+    return counts
