@@ -1,0 +1,219 @@
+"""Reading and writing checkpoints: one loading policy for official `.pth` files and our safetensors files.
+
+Policy (spec §3, improved): unwrap `model`/`module`, strip `module.`/`_orig_mod.`, convert official names, resample
+the vision position table to the model's grid (square or not), drop a declared head whose shape differs, then
+compare key sets. Strict loading (the default) raises a `ValueError` with a readable report when a backbone key is
+missing, a shape cannot be reconciled, or an unknown key is left over; benign differences of the official workflow
+(a pretrained file's final LayerNorm or pretraining heads loaded into a task model, a fresh task head) are allowed
+and reported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from imglish.model.convert import from_official, is_official_state_dict, unwrap_state_dict
+from imglish.model.layers import resample_position_table, square_grid
+
+__all__ = ["LoadReport", "load_checkpoint", "read_checkpoint", "save_model", "FORMAT"]
+
+FORMAT = "imglish/1"
+_POS_KEYS = ("beit3.vision_pos_embed", "vision_pos_embed")
+# Keys a pretrained file may carry that a fine-tuning model does not use (spec §3 "what is missing or left over").
+_BENIGN_UNEXPECTED_PREFIXES = ("mim_head.", "mlm_head.", "beit3.norm.", "norm.")
+
+
+@dataclass
+class LoadReport:
+    """What happened when a checkpoint was loaded into a model."""
+
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+    dropped_heads: list[str] = field(default_factory=list)
+    resized: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+    source_format: str = ""
+
+    @property
+    def clean(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched or self.dropped_heads)
+
+    def __str__(self) -> str:
+        lines = [f"checkpoint format: {self.source_format or 'unknown'}"]
+        for title, items in (
+            ("resized", [f"{k}: {list(a)} -> {list(b)}" for k, a, b in self.resized]),
+            ("dropped (head of another shape, re-initialised)", self.dropped_heads),
+            ("missing from the checkpoint (left as initialised)", self.missing),
+            ("unexpected (in the checkpoint, not in the model)", self.unexpected),
+            ("shape mismatch (checkpoint vs model)", [f"{k}: {list(a)} vs {list(b)}" for k, a, b in self.mismatched]),
+        ):
+            if items:
+                shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
+                lines.append(f"{title}: {len(items)}")
+                lines.extend(f"  {item}" for item in shown)
+        if len(lines) == 1:
+            lines.append("all keys matched")
+        return "\n".join(lines)
+
+
+def read_checkpoint(path: str | os.PathLike, model_key: str = "model|module") -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Read a checkpoint file safely: safetensors, or `torch.load(weights_only=True)` for `.pth`/`.pt`/`.bin`.
+
+    Returns `(state_dict, metadata)`; metadata is our safetensors header (config, task) or empty.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            raw_meta = handle.metadata() or {}
+            state = {name: handle.get_tensor(name) for name in handle.keys()}
+        meta: dict[str, Any] = {}
+        for key, value in raw_meta.items():
+            try:
+                meta[key] = json.loads(value)
+            except (TypeError, json.JSONDecodeError):
+                meta[key] = value
+        return state, meta
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - re-raised with the file named
+        raise ValueError(f"cannot read checkpoint {path}: {err}") from err
+    return unwrap_state_dict(obj, model_key), {}
+
+
+def _model_grid(model: nn.Module) -> tuple[int, int] | None:
+    backbone = getattr(model, "beit3", model)
+    config = getattr(backbone, "config", None)
+    return config.grid_size if config is not None else None
+
+
+def load_checkpoint(
+    model: nn.Module,
+    checkpoint: str | os.PathLike | Mapping[str, Tensor],
+    *,
+    strict: bool = True,
+    model_prefix: str = "",
+    source_grid: tuple[int, int] | None = None,
+    antialias: bool = False,
+) -> LoadReport:
+    """Load an official or imglish checkpoint into `model` and return a `LoadReport`.
+
+    Args:
+        model: an imglish model (task model or bare backbone).
+        checkpoint: a file path, or a state dict (official or ours; `model`/`module` wrappers are unwrapped).
+        strict: raise a ValueError with the report on missing backbone keys, unresolved shape mismatches or unknown
+            unexpected keys. With `strict=False` everything that fits is loaded and the report says what did not.
+        model_prefix: a prefix in front of every key of the checkpoint (the official `--model_prefix`).
+        source_grid: patch grid (rows, cols) of the checkpoint's vision position table, when it is not square and
+            not recorded in our metadata.
+        antialias: antialias when the position table is shrunk.
+    """
+    meta: dict[str, Any] = {}
+    if isinstance(checkpoint, (str, os.PathLike)):
+        state, meta = read_checkpoint(checkpoint)
+    else:
+        state = unwrap_state_dict(checkpoint)
+    if model_prefix:
+        state = {k[len(model_prefix):]: v for k, v in state.items() if k.startswith(model_prefix)}
+        if not state:
+            raise ValueError(f"no key of the checkpoint starts with model_prefix {model_prefix!r}")
+
+    report = LoadReport()
+    if is_official_state_dict(state):
+        report.source_format = "official"
+        state = from_official(state)
+    else:
+        report.source_format = "imglish"
+    if source_grid is None and isinstance(meta.get("config"), dict):
+        img, patch = meta["config"].get("img_size"), meta["config"].get("patch_size")
+        if img and patch:
+            source_grid = (int(img[0]) // int(patch), int(img[1]) // int(patch))
+
+    target = model.state_dict()
+    # A bare backbone checkpoint into a task model, or a task checkpoint into a bare backbone.
+    target_prefixed = any(k.startswith("beit3.") for k in target)
+    source_prefixed = any(k.startswith("beit3.") for k in state)
+    if target_prefixed and not source_prefixed:
+        state = {(k if k in target else f"beit3.{k}"): v for k, v in state.items()}
+    elif source_prefixed and not target_prefixed:
+        state = {k[len("beit3."):]: v for k, v in state.items() if k.startswith("beit3.")}
+
+    # Position table: resample to the model's grid.
+    grid = _model_grid(model)
+    for key in _POS_KEYS:
+        if key in state and key in target and state[key].shape != target[key].shape and grid is not None:
+            old = state[key]
+            old_grid = source_grid or square_grid(old.shape[0] - 3)
+            state[key] = resample_position_table(old, old_grid, grid, antialias=antialias)
+            report.resized.append((key, tuple(old.shape), tuple(state[key].shape)))
+
+    # Heads of another shape (e.g. another number of classes) are dropped and stay freshly initialised.
+    for key in getattr(model, "head_keys", ()):
+        if key in state and key in target and state[key].shape != target[key].shape:
+            del state[key]
+            report.dropped_heads.append(key)
+
+    loadable: dict[str, Tensor] = {}
+    for key, value in state.items():
+        if key not in target:
+            report.unexpected.append(key)
+        elif tuple(value.shape) != tuple(target[key].shape):
+            report.mismatched.append((key, tuple(value.shape), tuple(target[key].shape)))
+        else:
+            loadable[key] = value
+    report.missing = [k for k in target if k not in state]
+
+    if strict:
+        hard_missing = [k for k in report.missing if k.startswith("beit3.") or not target_prefixed]
+        if report.source_format == "imglish" and meta.get("task") == getattr(model, "task", None):
+            hard_missing = report.missing  # same task, our own file: nothing may be missing
+        hard_unexpected = [
+            k for k in report.unexpected if not k.startswith(_BENIGN_UNEXPECTED_PREFIXES)
+        ]
+        if report.mismatched or hard_missing or hard_unexpected:
+            raise ValueError(
+                "checkpoint does not fit this model (is it for another architecture or size?)\n" + str(report)
+            )
+    missing_now, unexpected_now = model.load_state_dict(loadable, strict=False)
+    assert not unexpected_now, unexpected_now
+    return report
+
+
+def save_model(model: nn.Module, path: str | os.PathLike, extra_metadata: Mapping[str, Any] | None = None) -> Path:
+    """Write `model` in our format: a safetensors file with the config and task in its metadata (atomically)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    backbone = getattr(model, "beit3", model)
+    meta: dict[str, Any] = {
+        "format": FORMAT,
+        "task": getattr(model, "task", "backbone"),
+        "config": backbone.config.to_dict(),
+        "task_kwargs": model.task_kwargs() if hasattr(model, "task_kwargs") else {},
+    }
+    name = getattr(model, "model_name", None)
+    if name:
+        meta["model_name"] = name
+    meta.update(extra_metadata or {})
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(state, tmp, metadata={k: json.dumps(v) for k, v in meta.items()})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
