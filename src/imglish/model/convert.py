@@ -15,6 +15,8 @@ from torch import Tensor
 
 __all__ = [
     "from_official",
+    "infer_official_config",
+    "infer_task",
     "is_official_state_dict",
     "to_official",
     "unwrap_state_dict",
@@ -190,3 +192,57 @@ def to_official(state_dict: Mapping[str, Tensor] | torch.nn.Module) -> dict[str,
                 raise ValueError(f"{key!r} belongs to a paper-only option that has no official layout")
             out[key] = value
     return out
+
+
+def infer_task(state_dict: Mapping[str, Tensor]) -> tuple[str, dict[str, int]]:
+    """Guess the task model of a state dict (either layout) from its head keys: `(task, task_kwargs)`."""
+    keys = set(state_dict)
+    if "fc_norm.weight" in keys:
+        return "imageclassification", {"num_classes": int(state_dict["head.weight"].shape[0])}
+    if "pooler.dense.weight" in keys:
+        return "vqav2", {"num_classes": int(state_dict["head.3.weight"].shape[0])}
+    if "head.dense1.weight" in keys:
+        return "nlvr2", {"num_classes": int(state_dict["head.dense2.weight"].shape[0])}
+    if "vision_head.weight" in keys:
+        return "retrieval", {}
+    if "mlm_head.bias" in keys:
+        return "captioning", {}
+    if "mim_head.weight" in keys:
+        return "pretraining", {"num_visual_tokens": int(state_dict["mim_head.weight"].shape[0])}
+    return "backbone", {}
+
+
+def infer_official_config(state_dict: Mapping[str, Tensor], num_heads: int | None = None) -> dict[str, object]:
+    """Architecture fields of a BEiT3Config read off an official (or imglish) state dict's shapes.
+
+    Head count is not visible in the shapes; without `num_heads` it assumes the released head size of 64.
+    The image size assumes a square patch grid.
+    """
+    sd = from_official(state_dict) if is_official_state_dict(state_dict) else dict(state_dict)
+    prefix = "beit3." if any(k.startswith("beit3.") for k in sd) else ""
+    try:
+        text = sd[prefix + "text_embed.weight"]
+        patch = sd[prefix + "vision_embed.proj.weight"]
+        vision_pos = sd[prefix + "vision_pos_embed"]
+        text_pos = sd[prefix + "text_pos_embed"]
+        fc1 = sd[prefix + "layers.0.ffn.A.fc1.weight"]
+    except KeyError as err:
+        raise ValueError(f"not a BEiT-3 state dict: {err.args[0]!r} is missing") from None
+    dim = int(text.shape[1])
+    depth = 1 + max(int(k[len(prefix):].split(".")[1]) for k in sd if k.startswith(prefix + "layers."))
+    side = int(round((vision_pos.shape[0] - 3) ** 0.5))
+    if side * side != vision_pos.shape[0] - 3:
+        raise ValueError(f"vision position table of {vision_pos.shape[0]} rows is not 3 + a square grid")
+    heads = num_heads or max(1, dim // 64)
+    return {
+        "embed_dim": dim,
+        "num_heads": heads,
+        "depth": depth,
+        "ffn_dim": int(fc1.shape[0]),
+        "patch_size": int(patch.shape[-1]),
+        "in_chans": int(patch.shape[1]),
+        "img_size": [side * int(patch.shape[-1])] * 2,
+        "vocab_size": int(text.shape[0]),
+        "max_source_positions": int(text_pos.shape[0]),
+        "normalize_output": (prefix + "norm.A.weight") in sd,
+    }

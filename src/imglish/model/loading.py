@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from imglish.model.convert import from_official, is_official_state_dict, unwrap_state_dict
 from imglish.model.layers import resample_position_table, square_grid
 
-__all__ = ["LoadReport", "load_checkpoint", "read_checkpoint", "save_model", "FORMAT"]
+__all__ = ["FORMAT", "LoadReport", "convert_checkpoint", "load_checkpoint", "read_checkpoint", "save_model"]
 
 FORMAT = "imglish/1"
 _POS_KEYS = ("beit3.vision_pos_embed", "vision_pos_embed")
@@ -208,12 +208,55 @@ def save_model(model: nn.Module, path: str | os.PathLike, extra_metadata: Mappin
         meta["model_name"] = name
     meta.update(extra_metadata or {})
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    _atomic(path, lambda tmp: save_file(state, tmp, metadata={k: json.dumps(v) for k, v in meta.items()}))
+    return path
+
+
+def convert_checkpoint(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    num_heads: int | None = None,
+) -> Path:
+    """Convert between the official layout and ours, losslessly, by file extension of `dst`.
+
+    - `dst` ending in `.safetensors`: `src` (official `.pth`) becomes an imglish file whose metadata records the
+      inferred config and task, so `create_model(None, pretrained=dst)` rebuilds the model.
+    - any other `dst` (`.pth`): `src` (imglish `.safetensors`) becomes an official file `{"model": state_dict}`.
+
+    Every tensor is carried over unchanged (keys the model would not use, e.g. pretraining heads, included), so
+    official -> imglish -> official gives back the original tensors bitwise.
+    """
+    from imglish.model.convert import from_official, infer_official_config, infer_task, to_official
+
+    src, dst = Path(src), Path(dst)
+    state, meta = read_checkpoint(src)
+    official = is_official_state_dict(state)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.suffix == ".safetensors":
+        if not official:
+            raise ValueError(f"{src} is already in the imglish layout; choose a .pth destination to export it")
+        from safetensors.torch import save_file
+
+        config = infer_official_config(state, num_heads=num_heads)
+        task, task_kwargs = infer_task(state)
+        ours = {k: v.contiguous() for k, v in from_official(state).items()}
+        meta = {"format": FORMAT, "task": task, "config": config, "task_kwargs": task_kwargs, "converted_from": src.name}
+        _atomic(dst, lambda tmp: save_file(ours, tmp, metadata={k: json.dumps(v) for k, v in meta.items()}))
+    else:
+        if official:
+            raise ValueError(f"{src} is already in the official layout; choose a .safetensors destination")
+        out = to_official(state)
+        _atomic(dst, lambda tmp: torch.save({"model": out}, tmp))
+    return dst
+
+
+def _atomic(path: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file(state, tmp, metadata={k: json.dumps(v) for k, v in meta.items()})
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return path
