@@ -212,7 +212,8 @@ class BEiT3(nn.Module):
         # fairseq layout: rows 0 and 1 unused, CLS at row 2, patch k at row 3 + k; text token j at row 2 + j.
         self.vision_pos_embed = nn.Parameter(torch.empty(config.num_patches + 3, dim))
         self.text_pos_embed = nn.Parameter(torch.empty(config.max_source_positions, dim))
-        rates = torch.linspace(0, config.drop_path_rate, config.depth).tolist()
+        depth, rate = config.depth, config.drop_path_rate
+        rates = [rate * i / (depth - 1) if depth > 1 else 0.0 for i in range(depth)]  # linspace(0, rate, L)
         first_vl = config.depth - config.vl_ffn_layers
         self.layers = nn.ModuleList(
             MultiwayBlock(config, drop_path=rates[i], vl_expert=i >= first_vl) for i in range(config.depth)
