@@ -415,6 +415,32 @@ class NormEMAQuantizer(nn.Module):
         self.embedding = NormEMACodebook(n_code, code_dim, kmeans_init)
         self.register_buffer("cluster_size", torch.zeros(n_code))
         self.update = True
+        self.last_z: torch.Tensor | None = None  # the last training batch's unit vectors (M, C), for restarts
+
+    @torch.no_grad()
+    def restart_codes(self, dead: torch.Tensor, samples: torch.Tensor, generator: torch.Generator | None = None) -> int:
+        """Move unused codes onto randomly chosen recent encoder vectors (not in the official code).
+
+        Dead codes never receive an EMA update, so they stay unused forever; restarting them is the usual remedy
+        for codebook collapse on small or repetitive data.
+
+        Args:
+            dead: (K,) bool, codes to restart.
+            samples: (M, C) unit vectors to draw from (e.g. :attr:`last_z`).
+            generator: RNG for the draw.
+
+        Returns:
+            Number of codes restarted.
+        """
+        n = int(dead.sum())
+        if n == 0 or samples.numel() == 0:
+            return 0
+        pick = torch.randint(0, samples.shape[0], (n,), generator=generator, device="cpu").to(samples.device)
+        new = samples[pick].to(self.embedding.weight.dtype)
+        if dist.is_available() and dist.is_initialized():
+            dist.broadcast(new, 0)
+        self.embedding.weight[dead.to(self.embedding.weight.device)] = _l2norm(new)
+        return n
 
     def lookup(self, z: torch.Tensor) -> torch.Tensor:
         """Nearest code of each unit vector: (M, C) -> (M,) long (argmin of the squared distance)."""
@@ -458,6 +484,7 @@ class NormEMAQuantizer(nn.Module):
         z_q = F.embedding(idx, self.embedding.weight).view(z.shape)
         if self.training and self.update:
             self._ema_update(flat.detach(), idx)
+            self.last_z = flat.detach()
         loss = self.beta * F.mse_loss(z_q.detach(), z)
         z_q = z + (z_q - z).detach()
         return z_q.permute(0, 3, 1, 2), loss, idx
