@@ -214,7 +214,7 @@ def sample_scene(rng: np.random.Generator, cfg: WorldConfig) -> dict[str, Any]:
     objects: list[dict[str, Any]] = []
     for i in range(n):
         size = "large" if i == 0 else "small"
-        r = float(rng.uniform(0.17, 0.23)) if size == "large" else float(rng.uniform(0.08, 0.12))
+        r = float(rng.uniform(0.2, 0.26)) if size == "large" else float(rng.uniform(0.07, 0.11))
         for _ in range(40):
             x = float(rng.uniform(r + 0.02, 1 - r - 0.02))
             y = float(rng.uniform(r + 0.02, 1 - r - 0.02))
@@ -267,7 +267,7 @@ def render_scene(scene: dict[str, Any], cfg: WorldConfig, rng: np.random.Generat
     if scene["gradient"]:
         ramp = np.linspace(-1.0, 1.0, s, dtype=np.float32)
         ramp = ramp[:, None] if rng.random() < 0.5 else ramp[None, :]
-        bg = base + (ramp * float(rng.uniform(15, 35)))[..., None]
+        bg = np.broadcast_to(base + (ramp * float(rng.uniform(15, 35)))[..., None], (s, s, 3))
     else:
         bg = np.broadcast_to(base, (s, s, 3)).copy()
     img = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8), "RGB")
