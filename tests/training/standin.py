@@ -102,6 +102,7 @@ class ColourTokenizer(nn.Module):
     def __init__(self, patch_size: int = 8) -> None:
         super().__init__()
         self.patch_size = patch_size
+        self.n_code = 8
         self.register_buffer("dummy", torch.zeros(1))
 
     @torch.no_grad()

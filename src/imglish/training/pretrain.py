@@ -79,37 +79,47 @@ def prepare_text_tokenizer(cfg: TrainConfig, corpus_files: list[Path], is_main: 
     if is_main and not path.exists():
         if not corpus_files:
             raise ValueError("no text tokenizer given (data.text_tokenizer) and no text files in the data folder to train one")
-        train_sentencepiece(corpus_files, cfg.data.text_vocab_size - 2, path, seed=cfg.seed)
+        # a soft limit: a small corpus (the synthetic world) may support fewer pieces than asked
+        train_sentencepiece(corpus_files, cfg.data.text_vocab_size - 2, path, seed=cfg.seed,
+                            extra_options={"hard_vocab_limit": False})
     parallel.barrier()
     return TextTokenizer(path)
 
 
 def prepare_visual_tokenizer(cfg: TrainConfig, image_dir: Path | None, is_main: bool = True) -> nn.Module:
-    """Load ``data.visual_tokenizer``, or train (rank 0) / reuse ``OUT/tokenizers/vqkd.pt``."""
-    from imglish.tokenizers import vqkd
+    """Load ``data.visual_tokenizer``, or train (rank 0) / reuse ``OUT/tokenizers/vqkd/vqkd.safetensors``.
 
-    path = Path(cfg.data.visual_tokenizer) if cfg.data.visual_tokenizer else Path(cfg.out) / "tokenizers" / "vqkd.pt"
-    if is_main and not path.exists():
-        if cfg.data.visual_tokenizer:
+    A tokenizer trained here is the ``vqkd_tiny_patch8_64`` architecture at the model's image and patch size with
+    ``data.visual_tokenizer_codes`` codes, trained for ``data.visual_tokenizer_steps`` steps on the image folder.
+    """
+    from imglish.tokenizers.vqkd import load_vqkd
+    from imglish.tokenizers.vqkd_train import VisualTokenizerTrainConfig, train_visual_tokenizer
+
+    if cfg.data.visual_tokenizer:
+        path = Path(cfg.data.visual_tokenizer)
+        if not path.exists():
             raise FileNotFoundError(f"data.visual_tokenizer {str(path)!r} does not exist")
-        if image_dir is None:
-            raise ValueError("no visual tokenizer given (data.visual_tokenizer) and no images to train one")
-        vqkd.train_visual_tokenizer(
-            image_dir, path, **_vqkd_train_kwargs(cfg)
+    else:
+        folder = Path(cfg.out) / "tokenizers" / "vqkd"
+        path = folder / "vqkd.safetensors"
+        if is_main and not path.exists():
+            if image_dir is None or not image_dir.is_dir():
+                raise ValueError("no visual tokenizer given (data.visual_tokenizer) and no image folder to train one")
+            train_visual_tokenizer(VisualTokenizerTrainConfig(
+                images=str(image_dir), out=str(folder),
+                model_overrides={"img_size": cfg.model.img_size, "patch_size": cfg.model.patch_size,
+                                 "n_code": cfg.data.visual_tokenizer_codes},
+                steps=cfg.data.visual_tokenizer_steps, seed=cfg.seed, progress=cfg.logging.progress,
+            ))
+        parallel.barrier()
+    model, _ = load_vqkd(path)
+    grid = model.config.img_size // model.config.patch_size
+    if grid != cfg.model.img_size // cfg.model.patch_size:
+        raise ValueError(
+            f"the visual tokenizer {str(path)!r} gives a {grid}x{grid} token grid but the model has "
+            f"{cfg.model.img_size // cfg.model.patch_size} patches per side"
         )
-    parallel.barrier()
-    return vqkd.load_vqkd(path)
-
-
-def _vqkd_train_kwargs(cfg: TrainConfig) -> dict[str, Any]:
-    return {
-        "image_size": cfg.model.img_size,
-        "patch_size": cfg.model.patch_size,
-        "n_code": cfg.data.visual_tokenizer_codes,
-        "steps": cfg.data.visual_tokenizer_steps,
-        "seed": cfg.seed,
-        "progress": cfg.logging.progress,
-    }
+    return model
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -311,16 +321,48 @@ def _build_model(cfg: TrainConfig, vocab_size: int, num_visual_tokens: int) -> n
     return imglish.create_model(cfg.model.name, **kwargs)
 
 
-def export_model(model: nn.Module, out: Path, official: bool = False) -> Path:
-    """Write ``OUT/model.safetensors`` (our format) and optionally ``OUT/model_official.pth`` (official layout)."""
+class _FullStateView:
+    """Presents a gathered full state dict with the model's metadata to ``imglish.save_model`` (FSDP export)."""
+
+    def __init__(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        self._model, self._state = model, state
+        for attr in ("beit3", "task", "model_name", "task_kwargs"):
+            if hasattr(model, attr):
+                setattr(self, attr, getattr(model, attr))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self._state
+
+
+def export_model(
+    model: nn.Module, out: Path, official: bool = False, state_dict: dict[str, torch.Tensor] | None = None
+) -> Path:
+    """Write ``OUT/model.safetensors`` (our format) and optionally ``OUT/model_official.pth`` (official layout).
+
+    Args:
+        model: the unwrapped model (its metadata is written with the weights).
+        out: the run folder.
+        official: also write the official key layout.
+        state_dict: the full weights when ``model`` itself is sharded (FSDP); by default ``model.state_dict()``.
+    """
     import imglish
 
-    path = imglish.save_model(model, out / "model.safetensors")
+    path = out / "model.safetensors"
+    source: Any = model if state_dict is None else _FullStateView(model, state_dict)
+    weights = source.state_dict()
+    if hasattr(getattr(model, "beit3", model), "config"):
+        imglish.save_model(source, path)
+    else:  # a model outside the imglish registry: plain safetensors
+        from safetensors.torch import save_file
+
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp))
+        os.replace(tmp, path)
     if official:
         from imglish.model.convert import to_official
 
-        atomic_torch_save({"model": to_official(model)}, out / "model_official.pth")
-    return Path(path)
+        atomic_torch_save({"model": to_official(weights)}, out / "model_official.pth")
+    return path
 
 
 def pretrain(
@@ -407,11 +449,12 @@ def pretrain(
         out=str(out), model_path=str(out / "model.safetensors"), steps=result.step,
         skipped_steps=result.skipped_steps, samples_per_s=result.samples_per_s, history=result.history,
     )
+    full_state = trainer._model_state() if trainer.strategy == "fsdp" else None  # collective under FSDP
     if info.is_main:
-        export_model(model, out, cfg.checkpoint.export_official)
+        export_model(model, out, cfg.checkpoint.export_official, state_dict=full_state)
         eval_sizes = {s: max(n // max(info.world_size * cfg.optim.accum_steps, 1), 1) for s, n in sizes.items() if n}
         usable = {s: n for s, n in eval_sizes.items() if heldout_sources.get(s) is not None}
-        if usable and cfg.data.heldout_batches > 0:
+        if usable and cfg.data.heldout_batches > 0 and trainer.strategy != "fsdp":  # FSDP: sharded model
             held = StepBatches(heldout_sources, maker(False), usable, cfg.seed + 1)
             train_plain = StepBatches(sources, maker(False), usable, cfg.seed + 2)
             counts = training_target_counts(train_plain, max(cfg.data.heldout_batches, 4), visual_tokenizer, device)

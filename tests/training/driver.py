@@ -1,0 +1,57 @@
+"""Runs ``imglish.training.pretrain`` on the stand-ins of ``standin.py``; used by the subprocess tests.
+
+usage: python driver.py OUT [--kill-at STEP] [--section.key VALUE ...]   (also under torchrun)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from standin import CHAR_MASK, CHAR_VOCAB, ColourTokenizer, StandInPretraining, char_encode, make_sources  # noqa: E402
+
+from imglish.training.config import build_config  # noqa: E402
+from imglish.training.pretrain import pretrain  # noqa: E402
+
+BASE = {
+    "model.img_size": 32, "model.patch_size": 8, "data.image_batch": 8, "data.text_batch": 8, "data.pair_batch": 8,
+    "data.max_text_len": 24, "data.heldout_batches": 0, "schedule.warmup_steps": 2, "optim.lr": 3e-3,
+    "logging.log_every": 1, "logging.progress": False, "logging.tensorboard": False, "parallel.threads": 1,
+}
+
+
+def main(argv: list[str]) -> None:
+    out, rest = argv[0], argv[1:]
+    kill_at = None
+    overrides = dict(BASE)
+    i = 0
+    while i < len(rest):
+        if rest[i] == "--kill-at":
+            kill_at = int(rest[i + 1])
+        else:
+            overrides[rest[i].lstrip("-")] = rest[i + 1]
+        i += 2
+    overrides["out"] = out
+    cfg = build_config("tiny", overrides=overrides)
+    torch.manual_seed(cfg.seed)
+    model = StandInPretraining(CHAR_VOCAB, 8, cfg.model.img_size, cfg.model.patch_size)
+
+    def on_step(trainer, row):
+        if kill_at is not None and trainer.step == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    sources = make_sources(48, cfg.model.img_size, seed=1)
+    pretrain(
+        cfg, model=model, visual_tokenizer=ColourTokenizer(cfg.model.patch_size), text_encode=char_encode,
+        sources=sources, heldout_sources=sources, vocab_size=CHAR_VOCAB, mask_id=CHAR_MASK,
+        on_step=on_step,
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
