@@ -18,7 +18,7 @@ import torch
 
 __all__ = ["quickstart", "write_report"]
 
-QUICKSTART_STEPS = 400
+QUICKSTART_STEPS = 300
 QUICKSTART_IMAGES = 2000
 
 
@@ -51,6 +51,7 @@ def quickstart(
     ov = {
         "out": str(out), "data.path": str(data), "seed": seed,
         "schedule.max_steps": max_steps or QUICKSTART_STEPS, "checkpoint.save_every": 100, "checkpoint.resume": True,
+        "data.image_batch": 16, "data.text_batch": 16, "data.pair_batch": 16, "schedule.warmup_steps": 20,
     }
     ov.update(overrides or {})
     cfg = build_config("tiny", overrides=ov)
