@@ -207,7 +207,7 @@ def test_wds_pairs_skip_bad_samples_and_shuffle_by_seed_and_epoch(tmp_path):
     good = [r for r in recs if not isinstance(r, SkippedRecord)]
     assert len(good) == 18 and good[0]["text_ids"] == [0, 5, 2]
     assert stream.skip.counts == {"image unreadable": 1, "empty text": 1}
-    order = lambda s: [r["key"] for r in s if not isinstance(r, SkippedRecord)]  # noqa: E731
+    order = lambda s: [r["key"] for r in s if not isinstance(r, SkippedRecord)]
     a = WdsStream(str(tmp_path), "pairs", shuffle_shards=True, shuffle_buffer=8, seed=1)
     b = WdsStream(str(tmp_path), "pairs", shuffle_shards=True, shuffle_buffer=8, seed=1)
     first = order(a)

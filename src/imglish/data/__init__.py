@@ -3,8 +3,8 @@
 See ``docs/data.md`` for the on-disk layout and the reader API.
 """
 
-from imglish.data.collate import Collator, collate_records, pad_sequences, text_segment
 from imglish.data.coco import KarpathyCaptions, karpathy_caption_gt, load_caption_gt, write_caption_gt
+from imglish.data.collate import Collator, collate_records, pad_sequences, text_segment
 from imglish.data.flickr import Flickr30kCaptions
 from imglish.data.imagenet import ImageFolderDataset, ImageOnlyDataset
 from imglish.data.masking import BlockMaskGenerator, caption_mask_count, mask_caption, mask_text
@@ -23,13 +23,36 @@ from imglish.data.vqav2 import (
 from imglish.data.wds import WdsStream
 
 __all__ = [
-    "BadRecordCounter", "BadRecordError", "SkippedRecord",
-    "BlockMaskGenerator", "mask_text", "mask_caption", "caption_mask_count",
-    "Collator", "collate_records", "pad_sequences", "text_segment",
-    "KarpathyCaptions", "Flickr30kCaptions", "karpathy_caption_gt", "write_caption_gt", "load_caption_gt",
-    "VQAv2Dataset", "normalize_answer", "build_answer_vocab", "answer_scores", "save_answer_vocab",
+    "BadRecordCounter",
+    "BadRecordError",
+    "BlockMaskGenerator",
+    "Collator",
+    "Flickr30kCaptions",
+    "ImageFolderDataset",
+    "ImageOnlyDataset",
+    "KarpathyCaptions",
+    "NLVR2Dataset",
+    "SkippedRecord",
+    "TextCorpus",
+    "VQAv2Dataset",
+    "WdsStream",
+    "WorldConfig",
+    "answer_scores",
+    "build_answer_vocab",
+    "caption_mask_count",
+    "collate_records",
+    "generate_world",
+    "karpathy_caption_gt",
     "load_answer_vocab",
-    "NLVR2Dataset", "nlvr2_image_paths",
-    "ImageFolderDataset", "ImageOnlyDataset", "TextCorpus", "WdsStream",
-    "WorldConfig", "generate_world", "load_world", "world_paths",
+    "load_caption_gt",
+    "load_world",
+    "mask_caption",
+    "mask_text",
+    "nlvr2_image_paths",
+    "normalize_answer",
+    "pad_sequences",
+    "save_answer_vocab",
+    "text_segment",
+    "world_paths",
+    "write_caption_gt",
 ]

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 from imglish.data.skip import BadRecordCounter, SkippedRecord
 from imglish.tokenizers.image import ImageLoadError, load_image
 
-__all__ = ["RecordDataset", "Transform", "Tokenizer", "encode_text"]
+__all__ = ["RecordDataset", "Tokenizer", "Transform", "encode_text"]
 
 Transform = Callable[[Any], Any]
 Tokenizer = Any  # an object with ``encode(str) -> list[int]`` (TextTokenizer) or a callable ``str -> list[int]``

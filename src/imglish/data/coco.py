@@ -19,7 +19,7 @@ from typing import Any
 from imglish.data.base import RecordDataset, Tokenizer, Transform
 from imglish.data.skip import BadRecordCounter, SkippedRecord
 
-__all__ = ["KarpathyCaptions", "KARPATHY_SPLITS", "karpathy_caption_gt", "write_caption_gt", "load_caption_gt"]
+__all__ = ["KARPATHY_SPLITS", "KarpathyCaptions", "karpathy_caption_gt", "load_caption_gt", "write_caption_gt"]
 
 KARPATHY_SPLITS = ("train", "restval", "val", "test")
 

@@ -15,7 +15,7 @@ import torch
 
 from imglish.data.skip import SkippedRecord
 
-__all__ = ["text_segment", "pad_sequences", "collate_records", "Collator"]
+__all__ = ["Collator", "collate_records", "pad_sequences", "text_segment"]
 
 
 def text_segment(

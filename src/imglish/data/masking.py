@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-__all__ = ["BlockMaskGenerator", "mask_text", "mask_caption", "caption_mask_count"]
+__all__ = ["BlockMaskGenerator", "caption_mask_count", "mask_caption", "mask_text"]
 
 
 class BlockMaskGenerator:

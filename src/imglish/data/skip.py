@@ -23,7 +23,7 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["BadRecordError", "SkippedRecord", "BadRecordCounter"]
+__all__ = ["BadRecordCounter", "BadRecordError", "SkippedRecord"]
 
 
 class BadRecordError(RuntimeError):

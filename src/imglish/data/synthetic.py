@@ -39,20 +39,20 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 __all__ = [
-    "WorldConfig",
-    "WorldSummary",
-    "generate_world",
-    "load_world",
-    "world_paths",
-    "sample_scene",
-    "render_scene",
-    "make_captions",
-    "make_questions",
-    "make_nlvr2_statement",
-    "scene_label",
-    "class_names",
     "FORMATS",
     "WORLD_FORMAT",
+    "WorldConfig",
+    "WorldSummary",
+    "class_names",
+    "generate_world",
+    "load_world",
+    "make_captions",
+    "make_nlvr2_statement",
+    "make_questions",
+    "render_scene",
+    "sample_scene",
+    "scene_label",
+    "world_paths",
 ]
 
 WORLD_FORMAT = "imglish-shapes/1"

@@ -32,14 +32,14 @@ from imglish.data.base import RecordDataset, Tokenizer, Transform
 from imglish.data.skip import BadRecordCounter, SkippedRecord
 
 __all__ = [
-    "normalize_answer",
-    "build_answer_vocab",
-    "answer_scores",
-    "score_from_count",
-    "save_answer_vocab",
-    "load_answer_vocab",
-    "vqa_image_path",
     "VQAv2Dataset",
+    "answer_scores",
+    "build_answer_vocab",
+    "load_answer_vocab",
+    "normalize_answer",
+    "save_answer_vocab",
+    "score_from_count",
+    "vqa_image_path",
 ]
 
 # Punctuation of the VQA evaluation: deleted when next to a space, otherwise turned into a space.

@@ -28,7 +28,7 @@ from imglish.data.base import Tokenizer, Transform, encode_text
 from imglish.data.skip import BadRecordCounter, BadRecordError, SkippedRecord
 from imglish.tokenizers.image import ImageLoadError, load_image
 
-__all__ = ["WdsStream", "CountingHandler", "expand_shards", "KINDS"]
+__all__ = ["KINDS", "CountingHandler", "WdsStream", "expand_shards"]
 
 KINDS = ("pairs", "images", "texts")
 _IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
