@@ -11,6 +11,24 @@ from imglish.model import (  # noqa: E402
 from imglish.registry import create_model, get_model_info, list_models  # noqa: E402
 from imglish.data import BadRecordCounter, WorldConfig, generate_world  # noqa: E402
 
+# The trainer sits on top of the library (it imports TensorBoard and friends), so it is loaded on first use.
+_LAZY = {
+    "pretrain": ("imglish.training.pretrain", "pretrain"),
+    "build_config": ("imglish.training.config", "build_config"),
+    "TrainConfig": ("imglish.training.config", "TrainConfig"),
+    "quickstart": ("imglish.training.quickstart", "quickstart"),
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'imglish' has no attribute {name!r}")
+
+
 __all__ = [
     "BadRecordCounter",
     "BEiT3Config",
@@ -22,4 +40,5 @@ __all__ = [
     "load_checkpoint",
     "save_model",
     "WorldConfig",
+    *_LAZY,
 ]
