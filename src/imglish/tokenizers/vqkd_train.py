@@ -68,6 +68,8 @@ class VisualTokenizerTrainConfig:
             recent encoder outputs (0 disables; the official recipe has no restarts). Stops after
             ``restart_until`` of the run so the codebook can settle.
         restart_until: fraction of ``steps`` after which restarts stop.
+        stop_at: end this run early at that step (after a checkpoint), as if interrupted; the schedule still
+            spans ``steps``, and a later run with ``resume`` continues.
     """
 
     images: str
@@ -91,6 +93,7 @@ class VisualTokenizerTrainConfig:
     progress: bool = True
     restart_every: int = 20
     restart_until: float = 0.75
+    stop_at: int | None = None
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -133,6 +136,7 @@ class ImageFolderDataset(Dataset):
         self.files = find_images(root)
         self.transform = transform
         self.skipped = 0
+        self._bad: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.files)
@@ -141,8 +145,10 @@ class ImageFolderDataset(Dataset):
         try:
             img = load_image(self.files[i])
         except ImageLoadError as err:
-            self.skipped += 1
-            tqdm.write(f"skipping unreadable image: {err}")
+            if i not in self._bad:  # count and report each bad file once
+                self._bad.add(i)
+                self.skipped += 1
+                tqdm.write(f"skipping unreadable image: {err}")
             return None
         return self.transform(img)
 
@@ -244,15 +250,29 @@ def train_visual_tokenizer(config: VisualTokenizerTrainConfig) -> TrainResult:
     )
     step = 0
     history: list[dict[str, float]] = []
+    window = torch.zeros(model.n_code, dtype=torch.long)  # codes used since the last restart check
+    restart_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    restarted = 0
     if cfg.resume and ckpt_path.is_file():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if state.get("config", {}).get("model") != cfg.model:
-            raise ValueError(f"{ckpt_path} was made for model {state.get('config', {}).get('model')!r}, not {cfg.model!r}")
+        saved = state.get("config", {})
+        for key in ("model", "teacher"):
+            if saved.get(key) != getattr(cfg, key):
+                raise ValueError(
+                    f"{ckpt_path} was made with {key} {saved.get(key)!r}, not {getattr(cfg, key)!r}; "
+                    "use another --out folder or pass --no-resume"
+                )
+        if state.get("vqkd_config") != model.config.to_dict():
+            raise ValueError(f"{ckpt_path} was made for another tokenizer architecture: {state.get('vqkd_config')}")
         model.load_state_dict(state["model"])
         optim.load_state_dict(state["optimizer"])
         step = int(state["step"])
         history = list(state.get("history", []))
         torch.set_rng_state(state["rng"])
+        restart_gen.set_state(state["restart_rng"])
+        window = state["window"].clone()
+        restarted = int(state["restarted"])
+        model.quantize.last_z = state["last_z"]
         tqdm.write(f"resumed from {ckpt_path} at step {step}")
 
     ds = ImageFolderDataset(cfg.images, _train_transform(model.config.img_size, cfg.min_crop_scale))
@@ -281,15 +301,16 @@ def train_visual_tokenizer(config: VisualTokenizerTrainConfig) -> TrainResult:
                 "step": step,
                 "history": history,
                 "rng": torch.get_rng_state(),
+                "restart_rng": restart_gen.get_state(),
+                "window": window,
+                "restarted": restarted,
+                "last_z": model.quantize.last_z,
             },
             ckpt_path,
         )
 
     model.train()
-    window = torch.zeros(model.n_code, dtype=torch.long)  # codes used since the last restart check
     shown = torch.zeros(model.n_code, dtype=torch.long)  # codes used since the last progress update
-    restart_gen = torch.Generator().manual_seed(cfg.seed + 1)
-    restarted = 0
     bar = tqdm(total=cfg.steps, initial=step, disable=not cfg.progress, desc="vqkd", dynamic_ncols=True)
     data = batches_from(step)
     t0 = time.time()
@@ -326,8 +347,10 @@ def train_visual_tokenizer(config: VisualTokenizerTrainConfig) -> TrainResult:
             bar.set_postfix(rec=f"{rec['rec_loss']:.4f}", usage=f"{float((shown > 0).float().mean()):.0%}")
             shown.zero_()
         bar.update(1)
-        if step % cfg.save_every == 0 or step == cfg.steps:
+        if step % cfg.save_every == 0 or step == cfg.steps or step == cfg.stop_at:
             save()
+        if step == cfg.stop_at:
+            break
     bar.close()
     model.eval()
     usage, counts = codebook_usage(model, cfg.images, device=device)
