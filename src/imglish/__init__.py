@@ -8,7 +8,8 @@ from imglish.model import (  # noqa: E402
     load_checkpoint,
     save_model,
 )
-from imglish.registry import create_model, get_model_info, list_models  # noqa: E402
+from imglish.registry import create_model, create_model_and_processor, get_model_info, list_models  # noqa: E402
+from imglish.tokenizers import ImageLoadError, Processor, TextTokenizer, build_transform, load_image  # noqa: E402
 from imglish.data import BadRecordCounter, WorldConfig, generate_world  # noqa: E402
 
 # The trainer sits on top of the library (it imports TensorBoard and friends), so it is loaded on first use.
@@ -33,8 +34,14 @@ __all__ = [
     "BadRecordCounter",
     "BEiT3Config",
     "KVCache",
+    "build_transform",
     "create_model",
+    "create_model_and_processor",
     "generate_world",
+    "ImageLoadError",
+    "load_image",
+    "Processor",
+    "TextTokenizer",
     "get_model_info",
     "list_models",
     "load_checkpoint",

@@ -18,7 +18,14 @@ from torch import nn
 from imglish.model.config import SIZES, BEiT3Config, size_config
 from imglish.model.heads import TASK_MODELS, BEiT3Model
 
-__all__ = ["ModelInfo", "create_model", "get_model_info", "list_models", "register_model"]
+__all__ = [
+    "ModelInfo",
+    "create_model",
+    "create_model_and_processor",
+    "get_model_info",
+    "list_models",
+    "register_model",
+]
 
 # Preprocessing constants that travel with the weights (spec §5).
 VL_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
@@ -133,6 +140,59 @@ def create_model(
     if pretrained is not None:
         model.load_report = load_checkpoint(model, pretrained, strict=strict)
     return model
+
+
+# The transform family of each task model (spec §5): ImageNet statistics for classification, 0.5 elsewhere.
+_TRANSFORM_TASK = {
+    "imageclassification": "imagenet",
+    "vqav2": "vqav2",
+    "nlvr2": "nlvr2",
+    "retrieval": "retrieval",
+    "captioning": "captioning",
+    "pretraining": "pretraining",
+    "backbone": "retrieval",
+}
+
+
+def create_model_and_processor(
+    name: str | None,
+    pretrained: str | os.PathLike | None = None,
+    *,
+    tokenizer: Any = None,
+    max_length: int = 64,
+    strict: bool = True,
+    **overrides: Any,
+):
+    """A model and the `Processor` that turns raw images and texts into its inputs (like open_clip's
+    `create_model_and_transforms`).
+
+    The processor saved next to `pretrained` (by `save_model(..., processor=...)` or the trainers) is used when
+    there is one; otherwise one is built from the model's task and image size (spec §5 preprocessing), with
+    `tokenizer` (a `TextTokenizer` or the path of a SentencePiece model such as the official `beit3.spm`) for text.
+
+    Returns:
+        `(model, processor)`.
+    """
+    from imglish.tokenizers.processor import Processor
+    from imglish.tokenizers.text import TextTokenizer
+    from imglish.tokenizers.transforms import TransformConfig
+
+    model = create_model(name, pretrained, strict=strict, **overrides)
+    processor = Processor.find_for(pretrained) if pretrained is not None else None
+    if processor is None or tokenizer is not None:
+        if isinstance(tokenizer, (str, os.PathLike)):
+            tokenizer = TextTokenizer(tokenizer)
+        if processor is not None:
+            processor = Processor(tokenizer, processor.transform_config, processor.max_length)
+        else:
+            height, width = model.config.img_size
+            if height != width:
+                raise ValueError(
+                    f"the model takes {height}x{width} images; build a Processor with a matching transform yourself"
+                )
+            transform = TransformConfig.for_task(_TRANSFORM_TASK[model.task], height)
+            processor = Processor(tokenizer, transform, max_length)
+    return model, processor
 
 
 # ---------------------------------------------------------------------------------------------- registrations

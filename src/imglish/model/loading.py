@@ -190,8 +190,17 @@ def load_checkpoint(
     return report
 
 
-def save_model(model: nn.Module, path: str | os.PathLike, extra_metadata: Mapping[str, Any] | None = None) -> Path:
-    """Write `model` in our format: a safetensors file with the config and task in its metadata (atomically)."""
+def save_model(
+    model: nn.Module,
+    path: str | os.PathLike,
+    extra_metadata: Mapping[str, Any] | None = None,
+    processor: Any = None,
+) -> Path:
+    """Write `model` in our format: a safetensors file with the config and task in its metadata (atomically).
+
+    A `Processor` given as `processor` is saved next to the file (`processor.json` and the tokenizer model), where
+    `imglish.create_model_and_processor(None, pretrained=path)` finds it.
+    """
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -209,6 +218,8 @@ def save_model(model: nn.Module, path: str | os.PathLike, extra_metadata: Mappin
     meta.update(extra_metadata or {})
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     _atomic(path, lambda tmp: save_file(state, tmp, metadata={k: json.dumps(v) for k, v in meta.items()}))
+    if processor is not None:
+        processor.save_next_to(path)
     return path
 
 
