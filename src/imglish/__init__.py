@@ -1,51 +1,54 @@
-"""imglish: BEiT-3 ("Image as a Foreign Language") in PyTorch."""
+"""imglish: BEiT-3 ("Image as a Foreign Language") in PyTorch.
+
+The public names below load their module on first use, so `import imglish` is instant and a command such as
+`imglish data shapes` does not pay for torchvision or the trainer.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-from imglish.model import (  # noqa: E402
-    BEiT3Config,
-    KVCache,
-    load_checkpoint,
-    save_model,
-)
-from imglish.registry import create_model, create_model_and_processor, get_model_info, list_models  # noqa: E402
-from imglish.tokenizers import ImageLoadError, Processor, TextTokenizer, build_transform, load_image  # noqa: E402
-from imglish.data import BadRecordCounter, WorldConfig, generate_world  # noqa: E402
-
-# The trainer sits on top of the library (it imports TensorBoard and friends), so it is loaded on first use.
-_LAZY = {
-    "pretrain": ("imglish.training.pretrain", "pretrain"),
-    "build_config": ("imglish.training.config", "build_config"),
-    "TrainConfig": ("imglish.training.config", "TrainConfig"),
-    "quickstart": ("imglish.training.quickstart", "quickstart"),
+_EXPORTS: dict[str, str] = {
+    # model
+    "BEiT3Config": "imglish.model",
+    "KVCache": "imglish.model",
+    "load_checkpoint": "imglish.model",
+    "save_model": "imglish.model",
+    "create_model": "imglish.registry",
+    "create_model_and_processor": "imglish.registry",
+    "get_model_info": "imglish.registry",
+    "list_models": "imglish.registry",
+    # tokenizers and processors
+    "ImageLoadError": "imglish.tokenizers",
+    "Processor": "imglish.tokenizers",
+    "TextTokenizer": "imglish.tokenizers",
+    "build_transform": "imglish.tokenizers",
+    "load_image": "imglish.tokenizers",
+    # data
+    "BadRecordCounter": "imglish.data",
+    "WorldConfig": "imglish.data",
+    "generate_world": "imglish.data",
+    # training
+    "pretrain": "imglish.training.pretrain",
+    "build_config": "imglish.training.config",
+    "TrainConfig": "imglish.training.config",
+    "quickstart": "imglish.training.quickstart",
 }
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        module, attr = _LAZY[name]
-        return getattr(importlib.import_module(module), attr)
-    raise AttributeError(f"module 'imglish' has no attribute {name!r}")
+__all__ = sorted(_EXPORTS)
 
 
-__all__ = [
-    "BadRecordCounter",
-    "BEiT3Config",
-    "KVCache",
-    "build_transform",
-    "create_model",
-    "create_model_and_processor",
-    "generate_world",
-    "ImageLoadError",
-    "load_image",
-    "Processor",
-    "TextTokenizer",
-    "get_model_info",
-    "list_models",
-    "load_checkpoint",
-    "save_model",
-    "WorldConfig",
-    *_LAZY,
-]
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'imglish' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -3,56 +3,58 @@
 See ``docs/data.md`` for the on-disk layout and the reader API.
 """
 
-from imglish.data.coco import KarpathyCaptions, karpathy_caption_gt, load_caption_gt, write_caption_gt
-from imglish.data.collate import Collator, collate_records, pad_sequences, text_segment
-from imglish.data.flickr import Flickr30kCaptions
-from imglish.data.imagenet import ImageFolderDataset, ImageOnlyDataset
-from imglish.data.masking import BlockMaskGenerator, caption_mask_count, mask_caption, mask_text
-from imglish.data.nlvr2 import NLVR2Dataset, nlvr2_image_paths
-from imglish.data.skip import BadRecordCounter, BadRecordError, SkippedRecord
-from imglish.data.synthetic import WorldConfig, generate_world, load_world, world_paths
-from imglish.data.text import TextCorpus
-from imglish.data.vqav2 import (
-    VQAv2Dataset,
-    answer_scores,
-    build_answer_vocab,
-    load_answer_vocab,
-    normalize_answer,
-    save_answer_vocab,
-)
-from imglish.data.wds import WdsStream
+from __future__ import annotations
 
-__all__ = [
-    "BadRecordCounter",
-    "BadRecordError",
-    "BlockMaskGenerator",
-    "Collator",
-    "Flickr30kCaptions",
-    "ImageFolderDataset",
-    "ImageOnlyDataset",
-    "KarpathyCaptions",
-    "NLVR2Dataset",
-    "SkippedRecord",
-    "TextCorpus",
-    "VQAv2Dataset",
-    "WdsStream",
-    "WorldConfig",
-    "answer_scores",
-    "build_answer_vocab",
-    "caption_mask_count",
-    "collate_records",
-    "generate_world",
-    "karpathy_caption_gt",
-    "load_answer_vocab",
-    "load_caption_gt",
-    "load_world",
-    "mask_caption",
-    "mask_text",
-    "nlvr2_image_paths",
-    "normalize_answer",
-    "pad_sequences",
-    "save_answer_vocab",
-    "text_segment",
-    "world_paths",
-    "write_caption_gt",
-]
+import importlib
+from typing import Any
+
+# Each public name loads its module on first use: `generate_world` needs no torch, the readers do.
+_EXPORTS: dict[str, str] = {
+    "BadRecordCounter": "imglish.data.skip",
+    "BadRecordError": "imglish.data.skip",
+    "BlockMaskGenerator": "imglish.data.masking",
+    "Collator": "imglish.data.collate",
+    "Flickr30kCaptions": "imglish.data.flickr",
+    "ImageFolderDataset": "imglish.data.imagenet",
+    "ImageOnlyDataset": "imglish.data.imagenet",
+    "KarpathyCaptions": "imglish.data.coco",
+    "NLVR2Dataset": "imglish.data.nlvr2",
+    "SkippedRecord": "imglish.data.skip",
+    "TextCorpus": "imglish.data.text",
+    "VQAv2Dataset": "imglish.data.vqav2",
+    "WdsStream": "imglish.data.wds",
+    "WorldConfig": "imglish.data.synthetic",
+    "answer_scores": "imglish.data.vqav2",
+    "build_answer_vocab": "imglish.data.vqav2",
+    "caption_mask_count": "imglish.data.masking",
+    "collate_records": "imglish.data.collate",
+    "generate_world": "imglish.data.synthetic",
+    "karpathy_caption_gt": "imglish.data.coco",
+    "load_answer_vocab": "imglish.data.vqav2",
+    "load_caption_gt": "imglish.data.coco",
+    "load_world": "imglish.data.synthetic",
+    "mask_caption": "imglish.data.masking",
+    "mask_text": "imglish.data.masking",
+    "nlvr2_image_paths": "imglish.data.nlvr2",
+    "normalize_answer": "imglish.data.vqav2",
+    "pad_sequences": "imglish.data.collate",
+    "save_answer_vocab": "imglish.data.vqav2",
+    "text_segment": "imglish.data.collate",
+    "world_paths": "imglish.data.synthetic",
+    "write_caption_gt": "imglish.data.coco",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'imglish.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
