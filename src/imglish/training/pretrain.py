@@ -29,7 +29,7 @@ from imglish.tasks.pretraining import TERMS, MaskedDataModeling, attach_visual_t
 from imglish.training import parallel
 from imglish.training.checkpoint import atomic_torch_save
 from imglish.training.config import TrainConfig, save_config
-from imglish.training.streams import SampleMaker, StepBatches, StreamSources, split_heldout
+from imglish.training.streams import SampleMaker, StepBatches, StreamSources, pop_skipped, split_heldout
 from imglish.training.trainer import Trainer, TrainResult, to_device
 
 __all__ = [
@@ -39,7 +39,9 @@ __all__ = [
     "prepare_text_tokenizer",
     "prepare_visual_tokenizer",
     "load_world_sources",
+    "tokenizer_corpus",
     "build_image_transform",
+    "export_model",
 ]
 
 
@@ -55,7 +57,8 @@ class PretrainSummary:
         heldout: per loss term ``"stream.kind"``: ``accuracy``, ``baseline_accuracy`` (most frequent training
             token), ``loss`` and ``tokens`` on held-out data.
         history: the logged training rows.
-        bad_records: bad records skipped by the readers and the sampler, by source.
+        bad_records: distinct bad records skipped by the readers and the sampler over the run (all ranks), by
+            reason (``imglish.data.BadRecordCounter.counts``).
     """
 
     out: str
@@ -69,18 +72,25 @@ class PretrainSummary:
 
 
 # --------------------------------------------------------------------------------------------- tokenizers
-def prepare_text_tokenizer(cfg: TrainConfig, corpus_files: list[Path], is_main: bool = True) -> Any:
-    """Load ``data.text_tokenizer``, or train (rank 0) / reuse ``OUT/tokenizers/text.model``."""
+def prepare_text_tokenizer(
+    cfg: TrainConfig, corpus_files: list[Path] | Callable[[], list[Path]], is_main: bool = True
+) -> Any:
+    """Load ``data.text_tokenizer``, or train (rank 0) / reuse ``OUT/tokenizers/text.model``.
+
+    Args:
+        corpus_files: the text files to train on, or a callable giving them (called only when training is needed).
+    """
     from imglish.tokenizers.text import TextTokenizer, train_sentencepiece
 
     if cfg.data.text_tokenizer:
         return TextTokenizer(cfg.data.text_tokenizer)
     path = Path(cfg.out) / "tokenizers" / "text.model"
     if is_main and not path.exists():
-        if not corpus_files:
+        files = corpus_files() if callable(corpus_files) else corpus_files
+        if not files:
             raise ValueError("no text tokenizer given (data.text_tokenizer) and no text files in the data folder to train one")
         # a soft limit: a small corpus (the synthetic world) may support fewer pieces than asked
-        train_sentencepiece(corpus_files, cfg.data.text_vocab_size - 2, path, seed=cfg.seed,
+        train_sentencepiece(files, cfg.data.text_vocab_size - 2, path, seed=cfg.seed,
                             extra_options={"hard_vocab_limit": False})
     parallel.barrier()
     return TextTokenizer(path)
@@ -149,91 +159,89 @@ class _PlainTwoView:
         return (x - 0.5) / 0.5, x
 
 
-class _LazyImages:
-    """Image files read with ``imglish.load_image`` on access."""
+def load_world_sources(
+    path: str | os.PathLike, split: str, skip: Any = None
+) -> StreamSources:
+    """The three streams of a folder written by ``imglish data shapes``, read with the ``imglish.data`` readers.
 
-    def __init__(self, files: list[Path]) -> None:
-        self.files = files
+    * images: :class:`imglish.data.ImageOnlyDataset` over ``imagenet/<split>/`` (the image-only set);
+    * texts: :class:`imglish.data.TextCorpus` over ``text/<split>.txt`` (the text-only corpus);
+    * pairs: :class:`imglish.data.KarpathyCaptions` over ``coco/dataset_coco.json``, one record per caption, Karpathy
+      split ``split`` (``train`` also takes ``restval``, as the official COCO training set does).
 
-    def __len__(self) -> int:
-        return len(self.files)
+    Nothing is written into the data folder.
 
-    def __getitem__(self, i: int) -> Any:
-        from imglish.tokenizers.image import load_image
-
-        return load_image(self.files[i])
-
-
-class _LazyPairs:
-    """``(image, caption)`` with the image read on access."""
-
-    def __init__(self, items: list[tuple[Path, str]]) -> None:
-        self.items = items
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> tuple[Any, str]:
-        from imglish.tokenizers.image import load_image
-
-        path, caption = self.items[i]
-        return load_image(path), caption
-
-
-_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
-
-
-def load_world_sources(path: str | os.PathLike, split: str) -> tuple[StreamSources, list[Path]]:
-    """The three streams of a folder written by ``imglish data shapes`` (``docs/data.md`` has the layout).
-
-    * images: every image file under ``imagenet/<split>/`` (the image-only set);
-    * texts: the non-empty lines of ``text/<split>.txt`` (the text-only corpus);
-    * pairs: every (image, caption) of ``coco/dataset_coco.json`` whose Karpathy split is ``split`` (``restval``
-      counts as ``train``).
-
-    Returns:
-        ``(sources, text_files)``: the streams, and the text files a text tokenizer can be trained on.
+    Args:
+        path: the data folder.
+        split: ``train``, ``val`` or ``test``.
+        skip: the ``imglish.data.BadRecordCounter`` every reader reports bad records to (a fresh one if ``None``).
 
     Raises:
         FileNotFoundError: if none of the three parts exists under ``path``.
     """
+    from imglish.data import BadRecordCounter, ImageOnlyDataset, KarpathyCaptions, TextCorpus
+
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"data folder {str(root)!r} does not exist")
+    skip = skip if skip is not None else BadRecordCounter()
     sources = StreamSources()
-    text_files: list[Path] = []
     img_dir = root / "imagenet" / split
     if img_dir.is_dir():
-        files = sorted(p for p in img_dir.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES)
-        sources.images = _LazyImages(files) if files else None
+        try:
+            sources.images = ImageOnlyDataset(img_dir, skip=skip)
+        except ValueError:  # a folder with no image in it
+            sources.images = None
     text_file = root / "text" / f"{split}.txt"
     if text_file.is_file():
-        lines = [ln.strip() for ln in text_file.read_text(encoding="utf-8").splitlines() if ln.strip()]
-        sources.texts = lines or None
-        text_files.append(text_file)
+        corpus = TextCorpus(text_file, skip=skip)
+        sources.texts = corpus if len(corpus) else None
     karpathy = root / "coco" / "dataset_coco.json"
     if karpathy.is_file():
-        data = json.loads(karpathy.read_text(encoding="utf-8"))
-        want = {"train", "restval"} if split == "train" else {split}
-        items = []
-        for img in data["images"]:
-            if img.get("split") in want:
-                file = root / "coco" / img.get("filepath", "") / img["filename"]
-                items.extend((file, s["raw"]) for s in img["sentences"] if s.get("raw", "").strip())
-        sources.pairs = _LazyPairs(items) if items else None
-        if split == "train" and items:
-            cap_file = root / "coco" / ".captions_train.txt"
-            if not cap_file.exists():
-                tmp = cap_file.with_suffix(".tmp")
-                tmp.write_text("\n".join(c for _, c in items) + "\n", encoding="utf-8")
-                os.replace(tmp, cap_file)
-            text_files.append(cap_file)
+        splits = ("train", "restval") if split == "train" else (split,)
+        pairs = KarpathyCaptions(karpathy, splits=splits, skip=skip)
+        sources.pairs = pairs if len(pairs) else None
     if sources.images is None and sources.texts is None and sources.pairs is None:
         raise FileNotFoundError(
             f"{str(root)!r} has none of imagenet/{split}/, text/{split}.txt, coco/dataset_coco.json; "
             "create a world with `imglish data shapes --out DIR`"
         )
-    return sources, text_files
+    return sources
+
+
+def tokenizer_corpus(sources: StreamSources, folder: Path) -> list[Path]:
+    """Text files to train the text tokenizer on: the text stream's own files, plus the pair captions written to
+    ``folder/captions_train.txt`` (under the run folder, never into the data folder).
+
+    Sources that are not ``imglish.data`` readers (plain lists of strings or tuples) are written out too.
+    """
+    files: list[Path] = []
+    texts = sources.texts
+    if texts is not None:
+        if hasattr(texts, "paths"):
+            files.extend(Path(p) for p in texts.paths)
+        else:
+            files.append(_write_lines(folder / "texts_train.txt", (t if isinstance(t, str) else t["text"] for t in texts)))
+    pairs = sources.pairs
+    if pairs is not None:
+        if hasattr(pairs, "captions"):
+            caps = (c for _, c in pairs.captions)
+        else:
+            caps = (r[1] if isinstance(r, tuple) else r["text"] for r in pairs)
+        files.append(_write_lines(folder / "captions_train.txt", caps))
+    return files
+
+
+def _write_lines(path: Path, lines: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for line in lines:
+            line = " ".join(str(line).split())
+            if line:
+                f.write(line + "\n")
+    os.replace(tmp, path)
+    return path
 
 
 # --------------------------------------------------------------------------------------------- evaluation
@@ -258,7 +266,9 @@ def evaluate_heldout(
     sums: dict[str, list[float]] = {}
     baseline_hits: Counter = Counter()
     for k in range(num_batches):
-        batch = to_device(dataset[k], device)
+        item = dataset[k]
+        pop_skipped(item)
+        batch = to_device(item, device)
         if visual_tokenizer is not None:
             attach_visual_targets(batch, visual_tokenizer)
         out = mdm(batch)
@@ -299,7 +309,9 @@ def training_target_counts(dataset: StepBatches, num_batches: int, visual_tokeni
     """Counts of the prediction targets over the first ``num_batches`` training micro-batches."""
     counts: dict[str, Counter] = {}
     for k in range(num_batches):
-        batch = to_device(dataset[k], device)
+        item = dataset[k]
+        pop_skipped(item)
+        batch = to_device(item, device)
         if visual_tokenizer is not None:
             attach_visual_targets(batch, visual_tokenizer)
         for name, t in _targets(batch).items():
@@ -395,22 +407,23 @@ def pretrain(
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.json")
-    skip_counter = None
+    from imglish.data import BadRecordCounter
+
+    skip_counter = BadRecordCounter(strict=cfg.data.strict)
     if sources is None:
         if not cfg.data.path:
             raise ValueError("data.path (--data) is required: a folder written by `imglish data shapes`")
-        sources, text_files = load_world_sources(cfg.data.path, "train")
+        sources = load_world_sources(cfg.data.path, "train", skip_counter)
         if heldout_sources is None:
             try:
-                heldout_sources, _ = load_world_sources(cfg.data.path, "val")
+                heldout_sources = load_world_sources(cfg.data.path, "val", BadRecordCounter(strict=cfg.data.strict))
             except FileNotFoundError:
                 heldout_sources = None
-    else:
-        text_files = []
     if heldout_sources is None:
         sources, heldout_sources = split_heldout(sources, cfg.data.heldout_fraction, cfg.seed)
     if text_encode is None:
-        tok = prepare_text_tokenizer(cfg, text_files, info.is_main)
+        train_sources = sources
+        tok = prepare_text_tokenizer(cfg, lambda: tokenizer_corpus(train_sources, out / "tokenizers"), info.is_main)
         text_encode, vocab_size, mask_id = tok.encode, tok.vocab_size, tok.mask_token_id
         pad_id, eos_id, bos_id = tok.pad_token_id, tok.eos_token_id, tok.bos_token_id
     else:
@@ -438,7 +451,7 @@ def pretrain(
     sizes = {"image": cfg.data.image_batch, "text": cfg.data.text_batch, "pair": cfg.data.pair_batch}
     dataset = StepBatches(
         sources, maker(cfg.data.augment), sizes, cfg.seed, info.rank, info.world_size, cfg.optim.accum_steps,
-        skip_counter=None if cfg.data.strict else (skip_counter or _CountingSkips()),
+        skip_counter=skip_counter,
     )
     trainer = Trainer(cfg, model, dataset, visual_tokenizer, info, device, loss_hook=loss_hook)
     if cfg.checkpoint.resume:
@@ -450,16 +463,19 @@ def pretrain(
         skipped_steps=result.skipped_steps, samples_per_s=result.samples_per_s, history=result.history,
     )
     full_state = trainer._model_state() if trainer.strategy == "fsdp" else None  # collective under FSDP
+    bad = _gather_bad_records(skip_counter)  # collective
     if info.is_main:
         export_model(model, out, cfg.checkpoint.export_official, state_dict=full_state)
         eval_sizes = {s: max(n // max(info.world_size * cfg.optim.accum_steps, 1), 1) for s, n in sizes.items() if n}
         usable = {s: n for s, n in eval_sizes.items() if heldout_sources.get(s) is not None}
         if usable and cfg.data.heldout_batches > 0 and trainer.strategy != "fsdp":  # FSDP: sharded model
-            held = StepBatches(heldout_sources, maker(False), usable, cfg.seed + 1)
-            train_plain = StepBatches(sources, maker(False), usable, cfg.seed + 2)
+            held = StepBatches(heldout_sources, maker(False), usable, cfg.seed + 1, skip_counter=BadRecordCounter())
+            train_plain = StepBatches(sources, maker(False), usable, cfg.seed + 2, skip_counter=BadRecordCounter())
             counts = training_target_counts(train_plain, max(cfg.data.heldout_batches, 4), visual_tokenizer, device)
             summary.heldout = evaluate_heldout(model, held, cfg.data.heldout_batches, visual_tokenizer, device, counts)
-        summary.bad_records = _bad_counts(skip_counter, dataset)
+        summary.bad_records = bad.counts
+        if bad.total or cfg.logging.progress:
+            print(f"bad records (training streams): {bad.summary()}")
         tmp = out / "summary.json.tmp"
         tmp.write_text(json.dumps(asdict(summary), indent=2) + "\n")
         os.replace(tmp, out / "summary.json")
@@ -477,25 +493,11 @@ def _num_codes(visual_tokenizer: Any) -> int:
     raise ValueError("cannot tell the codebook size of the visual tokenizer (expected n_code or config.n_code)")
 
 
-class _CountingSkips:
-    """Fallback bad-record counter when the readers bring none."""
+def _gather_bad_records(counter: Any) -> Any:
+    """Every rank's bad records merged into one ``BadRecordCounter`` (collective under torchrun)."""
+    from imglish.data import BadRecordCounter
 
-    def __init__(self) -> None:
-        self.counts: Counter = Counter()
-
-    def report(self, source: str, record: Any, cause: str) -> None:
-        self.counts[source] += 1
-
-
-def _bad_counts(reader_counter: Any, dataset: StepBatches) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for c in (reader_counter, dataset.skip_counter):
-        if c is None:
-            continue
-        raw = getattr(c, "counts", None)
-        if callable(raw):
-            raw = raw()
-        if isinstance(raw, dict):
-            for k, v in raw.items():
-                counts[str(k)] = counts.get(str(k), 0) + (int(v) if not isinstance(v, dict) else sum(v.values()))
-    return counts
+    merged = BadRecordCounter()
+    for records in parallel.all_gather_objects(counter.records()):
+        merged.absorb(records)
+    return merged

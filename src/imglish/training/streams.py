@@ -30,6 +30,8 @@ __all__ = [
     "sample_seed",
     "split_heldout",
     "make_step_loader",
+    "pop_skipped",
+    "SKIPPED_KEY",
 ]
 
 _STREAM_IDS = {"image": 1, "text": 2, "pair": 3}
@@ -203,6 +205,14 @@ class SampleMaker:
         raise ValueError(f"unknown stream {stream!r}")
 
 
+SKIPPED_KEY = "skipped"
+
+
+def pop_skipped(batch: dict[str, Any]) -> list[Any]:
+    """Remove and return the skipped records a :class:`StepBatches` item carries (an empty list if none)."""
+    return list(batch.pop(SKIPPED_KEY, None) or [])
+
+
 def _is_bad(record: Any) -> bool:
     return type(record).__name__ == "SkippedRecord"
 
@@ -217,8 +227,8 @@ class StepBatches(Dataset):
         seed: the run's seed.
         rank, world_size: this process and the number of processes.
         accum_steps: micro-steps per optimizer step.
-        skip_counter: optional object with ``report(source, record, cause)`` (``imglish.data`` skip counter); when
-            absent a bad record raises.
+        skip_counter: an ``imglish.data.BadRecordCounter`` (``report`` and ``absorb``); when absent, or strict, a bad
+            record raises.
         max_retries: records tried in a row before giving up on a slot.
     """
 
@@ -253,6 +263,7 @@ class StepBatches(Dataset):
             self.batch_sizes[stream] = size
         self._perm_cache: dict[tuple[str, int], list[int]] = {}
         self.skipped = 0
+        self.pending_skipped: list[Any] = []
 
     def micro_batch_size(self, stream: str) -> int:
         return self.batch_sizes[stream] // (self.world_size * self.accum_steps)
@@ -271,23 +282,37 @@ class StepBatches(Dataset):
         return self._perm_cache[key]
 
     def sample(self, stream: str, slot: int) -> dict[str, torch.Tensor]:
-        """The tensors of global slot ``slot`` of ``stream`` (a bad record gives way to the next one)."""
+        """The tensors of global slot ``slot`` of ``stream`` (a bad record gives way to the next one).
+
+        A reader's :class:`~imglish.data.skip.SkippedRecord`, or a record the sample maker cannot use (empty text,
+        ...), is counted in ``skip_counter`` and queued in :attr:`pending_skipped` (so that counts made in a
+        DataLoader worker reach the main process with the batch); with a strict counter, or none, it raises.
+        """
         src = self.sources.get(stream)
         n = len(src)
         for attempt in range(self.max_retries):
             pos = slot + attempt * 1_000_003  # a bad record is replaced by one far along the permutation
             index = self._perm(stream, pos // n)[pos % n]
+            record = None
             try:
                 record = src[index]
                 if _is_bad(record):
-                    raise ValueError(getattr(record, "reason", "bad record"))
+                    self._skip(record)
+                    continue
                 return self.maker(stream, record, sample_seed(self.seed, stream, slot))
             except Exception as err:  # noqa: BLE001 - every bad record is counted, none is dropped silently
-                if self.skip_counter is None:
+                if self.skip_counter is None or getattr(self.skip_counter, "strict", False):
                     raise
-                self.skipped += 1
-                self.skip_counter.report(f"pretraining/{stream}", index, repr(err))
+                self._skip(self.skip_counter.report(f"pretraining/{stream}", index, "unusable sample", repr(err)))
         raise RuntimeError(f"{stream} stream: {self.max_retries} bad records in a row around slot {slot}")
+
+    def _skip(self, record: Any) -> None:
+        self.skipped += 1
+        if self.skip_counter is None:
+            raise ValueError(f"bad record {record!r} and no skip counter")
+        if _is_bad(record) and hasattr(self.skip_counter, "absorb"):
+            self.skip_counter.absorb([record])
+        self.pending_skipped.append(record)
 
     def slots(self, stream: str, step: int, micro: int) -> range:
         """Global slots of ``stream`` in micro-batch ``micro`` of ``step`` on this rank."""
@@ -297,10 +322,12 @@ class StepBatches(Dataset):
 
     def __getitem__(self, k: int) -> dict[str, dict[str, torch.Tensor]]:
         step, micro = divmod(int(k), self.accum_steps)
-        batch: dict[str, dict[str, torch.Tensor]] = {}
+        batch: dict[str, Any] = {}
         for stream in self.batch_sizes:
             samples = [self.sample(stream, g) for g in self.slots(stream, step, micro)]
             batch[stream] = {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
+        if self.pending_skipped:  # travels with the batch out of a DataLoader worker; see pop_skipped
+            batch[SKIPPED_KEY], self.pending_skipped = self.pending_skipped, []
         return batch
 
 

@@ -36,7 +36,7 @@ from imglish.training import parallel
 from imglish.training.checkpoint import CheckpointManager, get_rng_state, set_rng_state
 from imglish.training.config import TrainConfig, config_to_dict
 from imglish.training.optim import build_optimizer, build_scheduler
-from imglish.training.streams import StepBatches, make_step_loader
+from imglish.training.streams import StepBatches, make_step_loader, pop_skipped
 
 __all__ = ["NonFiniteLossError", "TrainResult", "Trainer", "to_device"]
 
@@ -322,6 +322,10 @@ class Trainer:
         try:
             while self.step < max_steps:
                 micro = [next(it) for _ in range(self.dataset.accum_steps)]
+                for mb in micro:  # records skipped in a DataLoader worker are counted here, once
+                    skipped = pop_skipped(mb)
+                    if skipped and hasattr(self.dataset.skip_counter, "absorb"):
+                        self.dataset.skip_counter.absorb(skipped)
                 row = self.train_step(micro)
                 now = time.perf_counter()
                 row["samples_per_s"] = samples_per_step / max(now - t_last, 1e-9)
