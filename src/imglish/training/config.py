@@ -198,6 +198,8 @@ class ParallelConfig:
         strategy: ``auto`` (DDP when several processes, else none), ``none``, ``ddp`` or ``fsdp``.
         activation_checkpointing: recompute each transformer block in the backward pass.
         compile: ``torch.compile`` each transformer block.
+        compile_backend: the ``torch.compile`` backend (``inductor`` generates kernels; ``aot_eager`` only traces,
+            which is quick to start and useful to check that a model compiles).
         backend: process-group backend; ``None`` picks nccl on GPU and gloo on CPU.
         device: ``auto``, ``cpu`` or ``cuda``.
         threads: torch intra-op threads (0 keeps torch's default).
@@ -207,6 +209,7 @@ class ParallelConfig:
     strategy: str = "auto"
     activation_checkpointing: bool = False
     compile: bool = False
+    compile_backend: str = "inductor"
     backend: str | None = None
     device: str = "auto"
     threads: int = 0

@@ -119,7 +119,7 @@ class Trainer:
         if cfg.parallel.activation_checkpointing:
             parallel.apply_ac(self.model)
         if cfg.parallel.compile:
-            parallel.apply_compile(self.model)
+            parallel.apply_compile(self.model, backend=cfg.parallel.compile_backend)
         self.step_module: nn.Module = self.mdm
         if self.strategy == "fsdp":
             parallel.apply_fsdp(self.mdm, self.model)
