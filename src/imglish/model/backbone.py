@@ -497,7 +497,9 @@ class VisionEmbedding(nn.Module):
     def forward(self, image: Tensor, image_mask: Tensor | None = None) -> tuple[Tensor, tuple[int, int]]:
         x = self.proj(image)
         grid = (x.shape[-2], x.shape[-1])
-        x = x.flatten(2).transpose(1, 2)
+        # Under autocast the conv output is bf16/fp16 while the tokens are float32: promote, as the official
+        # code does (its cat and mask mixing promote), so the residual stream stays in the parameters' dtype.
+        x = x.flatten(2).transpose(1, 2).to(torch.promote_types(x.dtype, self.cls_token.dtype))
         if image_mask is not None:
             x = torch.where(image_mask.bool().unsqueeze(-1), self.mask_token.to(x.dtype), x)
         cls = self.cls_token.to(x.dtype).expand(x.shape[0], -1, -1)
