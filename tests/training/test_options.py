@@ -118,3 +118,10 @@ def test_pair_image_masking_adds_a_pair_mim_term(tmp_path):
     assert set(summary.heldout) == {"image.mim", "text.mlm", "pair.mlm", "pair.mim"}
     off, _ = _run(tmp_path / "nomim", 1)
     assert "loss/pair.mim" not in off.history[0]
+
+
+def test_time_limit_stops_early_at_a_checkpoint(tmp_path):
+    summary, _ = _run(tmp_path / "limited", 50, schedule__time_limit_s="1e-6")
+    assert summary.stopped_early and summary.steps == 1
+    assert [s for s, _ in CheckpointManager(tmp_path / "limited" / "checkpoints").list()] == [1]
+    assert (tmp_path / "limited" / "model.safetensors").exists()

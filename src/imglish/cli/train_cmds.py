@@ -63,7 +63,9 @@ def _pretrain(args: argparse.Namespace) -> int:
 def _quickstart(args: argparse.Namespace) -> int:
     from imglish.training.quickstart import quickstart
 
-    report = quickstart(args.out, max_steps=args.max_steps, num_images=args.num_images, seed=args.seed)
+    overrides = {} if args.threads is None else {"parallel.threads": args.threads}
+    report = quickstart(args.out, max_steps=args.max_steps, num_images=args.num_images, seed=args.seed,
+                        overrides=overrides, budget_s=None if args.no_time_limit else args.budget_minutes * 60)
     print(f"report: {report}")
     return 0
 
@@ -107,4 +109,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--max-steps", dest="max_steps", type=int, default=None, help="pretraining steps")
     q.add_argument("--num-images", dest="num_images", type=int, default=None, help="images in the world")
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default 1: robust on a shared machine; 0 lets torch choose)")
+    q.add_argument("--budget-minutes", dest="budget_minutes", type=float, default=15.0,
+                   help="wall-clock budget; pretraining stops early (and says so) to stay within it (default 15)")
+    q.add_argument("--no-time-limit", dest="no_time_limit", action="store_true",
+                   help="run every step whatever the time")
     q.set_defaults(func=_quickstart)

@@ -165,11 +165,14 @@ class ScheduleConfig:
         max_steps: optimizer steps of the run.
         warmup_steps: steps of the linear warmup.
         min_lr: learning rate at the end of the cosine.
+        time_limit_s: stop the loop after this many seconds (0: no limit), as a safety net for runs that must end
+            by a deadline; the run then ends early at a checkpoint and ``PretrainSummary.stopped_early`` says so.
     """
 
     max_steps: int = 1000
     warmup_steps: int = 50
     min_lr: float = 1e-5
+    time_limit_s: float = 0.0
 
 
 @dataclass
@@ -287,6 +290,8 @@ class TrainConfig:
             raise ValueError(f"optim.max_bad_steps must be >= 1, got {o.max_bad_steps}")
         if s.max_steps < 1:
             raise ValueError(f"schedule.max_steps must be >= 1, got {s.max_steps}")
+        if s.time_limit_s < 0:
+            raise ValueError(f"schedule.time_limit_s must be >= 0, got {s.time_limit_s}")
         if s.warmup_steps < 0:
             raise ValueError(f"schedule.warmup_steps must be >= 0, got {s.warmup_steps}")
         if self.parallel.precision not in ("fp32", "bf16"):

@@ -57,6 +57,8 @@ class PretrainSummary:
         heldout: per loss term ``"stream.kind"``: ``accuracy``, ``baseline_accuracy`` (most frequent training
             token), ``loss`` and ``tokens`` on held-out data.
         history: the logged training rows.
+        stopped_early: the run ended before ``schedule.max_steps`` because of ``schedule.time_limit_s``.
+        elapsed_s: wall time of the training loop of this call.
         bad_records: distinct bad records skipped by the readers and the sampler over the run (all ranks), by
             reason (``imglish.data.BadRecordCounter.counts``).
     """
@@ -69,6 +71,8 @@ class PretrainSummary:
     heldout: dict[str, dict[str, float]] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
     bad_records: dict[str, int] = field(default_factory=dict)
+    stopped_early: bool = False
+    elapsed_s: float = 0.0
 
 
 # --------------------------------------------------------------------------------------------- tokenizers
@@ -389,6 +393,7 @@ def pretrain(
     mask_id: int | None = None,
     loss_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
     on_step: Callable[[Trainer, dict[str, float]], None] | None = None,
+    before_training: Callable[[], None] | None = None,
 ) -> PretrainSummary:
     """Run masked data modeling pretraining as ``cfg`` describes (call on every rank under torchrun).
 
@@ -456,11 +461,14 @@ def pretrain(
     trainer = Trainer(cfg, model, dataset, visual_tokenizer, info, device, loss_hook=loss_hook)
     if cfg.checkpoint.resume:
         trainer.maybe_resume()
+    if before_training is not None:
+        before_training()
     result: TrainResult = trainer.train(on_step=on_step)
 
     summary = PretrainSummary(
         out=str(out), model_path=str(out / "model.safetensors"), steps=result.step,
         skipped_steps=result.skipped_steps, samples_per_s=result.samples_per_s, history=result.history,
+        stopped_early=result.stopped_early, elapsed_s=result.elapsed_s,
     )
     full_state = trainer._model_state() if trainer.strategy == "fsdp" else None  # collective under FSDP
     bad = _gather_bad_records(skip_counter)  # collective

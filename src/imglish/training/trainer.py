@@ -57,6 +57,7 @@ class TrainResult:
         history: one dict per logged step: ``step``, ``lr``, ``loss``, ``loss/<term>``, ``acc/<term>``, ...
         samples_per_s: mean training throughput of this run (all ranks, all streams).
         elapsed_s: wall time of the loop.
+        stopped_early: the loop ended before ``schedule.max_steps`` because of ``schedule.time_limit_s``.
     """
 
     step: int
@@ -64,6 +65,7 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     samples_per_s: float = 0.0
     elapsed_s: float = 0.0
+    stopped_early: bool = False
 
 
 def to_device(batch: dict[str, dict[str, torch.Tensor]], device: torch.device) -> dict[str, dict[str, torch.Tensor]]:
@@ -317,6 +319,7 @@ class Trainer:
         it = iter(loader)
         samples_per_step = sum(self.dataset.batch_sizes.values())
         start_step, t0 = self.step, time.perf_counter()
+        stopped_early = False
         t_last = t0
         hist_path = self.out / "history.jsonl"
         try:
@@ -363,8 +366,24 @@ class Trainer:
                 if on_step is not None:
                     on_step(self, row)
                 every = cfg.checkpoint.save_every
-                if self.bad_in_a_row == 0 and (self.step == max_steps or (every and self.step % every == 0)):
+                limit = cfg.schedule.time_limit_s
+                # every rank takes rank 0's decision, so that all stop at the same step
+                out_of_time = bool(parallel.broadcast_object(
+                    limit > 0 and time.perf_counter() - t0 >= limit and self.step < max_steps
+                )) if limit > 0 else False
+                if self.bad_in_a_row == 0 and (
+                    self.step == max_steps or (every and self.step % every == 0) or out_of_time
+                ):
                     self.save_checkpoint()
+                if out_of_time:
+                    stopped_early = True
+                    msg = (f"schedule.time_limit_s={limit:g} reached: stopping at step {self.step} of {max_steps} "
+                           f"(a checkpoint was written; --resume continues)")
+                    if bar is not None:
+                        bar.write(msg)
+                    elif self.dist.is_main:
+                        print(msg)
+                    break
         finally:
             if bar is not None:
                 bar.close()
@@ -378,6 +397,7 @@ class Trainer:
             history=list(self.history),
             samples_per_s=done * samples_per_step / elapsed if elapsed > 0 else 0.0,
             elapsed_s=elapsed,
+            stopped_early=stopped_early,
         )
 
 
