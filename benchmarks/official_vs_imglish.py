@@ -2,7 +2,8 @@
 
 What it does, in order:
 
-1. Measures the machine's practical matrix-multiply peak (square `torch.mm`, float32 and bfloat16).
+1. Measures the machine's practical matrix-multiply peak (square `torch.mm`, float32 and bfloat16; best time over
+   sizes and repeats, measured at the start and again at the end of the run, the higher figure kept).
 2. For each workload builds the official `torchscale.model.BEiT3.BEiT3` at the chosen size, copies its weights into
    an imglish `BEiT3Model` with our official-checkpoint loader, and checks that both give the same outputs.
 3. Times inference (no_grad forward) and a full training step (forward, loss, backward, AdamW) of both, alternating
@@ -98,7 +99,7 @@ class Settings:
     size: str = "base"
     depth: int | None = None
     threads: int = 2
-    batch: dict[str, int] = field(default_factory=lambda: {"image224": 8, "vqa480": 2, "text64": 16, "retrieval384": 4})
+    batch: dict[str, int] = field(default_factory=lambda: {"image224": 4, "vqa480": 1, "text64": 8, "retrieval384": 2})
     warmup: int = 1
     repeats: int = 3
     modes: tuple[str, ...] = ("forward", "train")
@@ -106,7 +107,7 @@ class Settings:
     workloads: tuple[str, ...] = tuple(WORKLOADS)
     memory: bool = True
     fused_adamw: bool = True
-    gen_img_size: int = 480
+    gen_img_size: int = 224
     gen_max_len: int = 16
     gen_beams: int = 3
     gen_batch: int = 1
@@ -282,7 +283,7 @@ def matmul_peak(dtype: str, quick: bool) -> dict:
     for n in sizes:
         a, b = torch.randn(n, n).to(dt), torch.randn(n, n).to(dt)
         torch.mm(a, b)
-        times = [timed(lambda: torch.mm(a, b)) for _ in range(3 if quick else 5)]
+        times = [timed(lambda: torch.mm(a, b)) for _ in range(3 if quick or not native_bf16 else 10)]
         best[n] = 2 * n**3 / min(times) / 1e9
     return {"gflops": max(best.values()), "by_size": best, "native": native_bf16}
 
@@ -365,9 +366,10 @@ def run_timings(settings: Settings, log: Callable[[str], None]) -> tuple[list[di
                        "flops": flops[mode], "times": times}
                 for impl in IMPLS:
                     med = statistics.median(times[impl])
-                    row[impl] = {"median_s": med, "samples_per_s": batch_size / med,
+                    row[impl] = {"median_s": med, "best_s": min(times[impl]), "samples_per_s": batch_size / med,
                                  "gflops": flops[mode] / med / 1e9}
                 row["speedup"] = row["official"]["median_s"] / row["imglish"]["median_s"]
+                row["speedup_best"] = row["official"]["best_s"] / row["imglish"]["best_s"]
                 rows.append(row)
                 log(f"[{name}] {mode:7s} {dtype}: imglish {row['imglish']['median_s']:.3f}s, official "
                     f"{row['official']['median_s']:.3f}s, speedup {row['speedup']:.2f}x (load {os.getloadavg()[0]:.1f})")
@@ -563,15 +565,17 @@ def render_markdown(results: dict) -> str:
         + ", ".join(str(k) for k in peak["fp32"]["by_size"]) + "): "
         + "; ".join(f"{d} **{_fmt(p['gflops'], 1)} GFLOP/s**" for d, p in peak.items()) + ".",
         "",
-        "| workload | batch | mode | dtype | imglish samples/s | official samples/s | speedup | imglish MFU | official MFU |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| workload | batch | mode | dtype | imglish samples/s | official samples/s | speedup (medians) | "
+        "speedup (best runs) | imglish MFU | official MFU |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["timings"]:
         p = peak[r["dtype"]]["gflops"]
         lines.append(
             f"| {WORKLOADS[r['workload']].title} | {r['batch']} | {r['mode']} | {r['dtype']} | "
             f"{_fmt(r['imglish']['samples_per_s'])} | {_fmt(r['official']['samples_per_s'])} | "
-            f"**{r['speedup']:.2f}x** | {100 * r['imglish']['gflops'] / p:.0f}% | {100 * r['official']['gflops'] / p:.0f}% |"
+            f"**{r['speedup']:.2f}x** | {r['speedup_best']:.2f}x | {100 * r['imglish']['gflops'] / p:.0f}% | "
+            f"{100 * r['official']['gflops'] / p:.0f}% |"
         )
     lines += ["", "Agreement of the outputs (float32, same weights), max |imglish - official|: "
               + ", ".join(f"{k} {v['max_abs_diff']:.1e} (outputs up to {v['output_max_abs']:.1f})"
@@ -654,7 +658,8 @@ def update_doc(doc: Path, block: str) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="batch 1, one repeat, fp32 memory probes only, short generation")
+    p.add_argument("--quick", action="store_true",
+                   help="batch 1 (text 2), two repeats, training-step memory probes only, short generation")
     p.add_argument("--size", default="base", help="model size (imglish SIZES name); default base")
     p.add_argument("--depth", type=int, default=None, help="override the number of layers (for development)")
     p.add_argument("--threads", type=int, default=2)
@@ -670,6 +675,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-fused-adamw", action="store_true", help="use the for-each AdamW on both sides")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     p.add_argument("--update-doc", type=Path, default=None, help="Markdown file whose bench block is replaced")
+    p.add_argument("--from-json", type=Path, default=None,
+                   help="re-render results.md, speedup.png (and --update-doc) from an earlier results.json")
     p.add_argument("--probe-memory", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -679,7 +686,7 @@ def settings_from_args(args: argparse.Namespace) -> tuple[Settings, list[str]]:
     notes: list[str] = []
     if args.quick:
         s.batch = {"image224": 1, "vqa480": 1, "text64": 2, "retrieval384": 1}
-        s.repeats, s.warmup = 1, 1
+        s.repeats, s.warmup = 2, 1
         s.gen_img_size, s.gen_max_len = 224, 6
     if args.repeats is not None:
         s.repeats = args.repeats
@@ -720,6 +727,10 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings(**spec["settings"])
         print(json.dumps(memory_probe(settings, spec["impl"], spec["workload"], spec["mode"], spec["dtype"])))
         return 0
+    if args.from_json:
+        results = json.loads(args.from_json.read_text())
+        write_outputs(results, args.out, args.update_doc)
+        return 0
     settings, notes = settings_from_args(args)
     torch.set_num_threads(settings.threads)
 
@@ -740,17 +751,26 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_generation:
         results["generation"] = run_generation(settings, log)
     results["load_after"] = os.getloadavg()[0]
+    # The peak is measured again at the end and the better figure kept: a busy machine only ever lowers it.
+    for dtype, again in ((d, matmul_peak(d, args.quick)) for d in ("fp32", "bf16")):
+        if again["gflops"] > results["peak"][dtype]["gflops"]:
+            results["peak"][dtype] = again
 
-    out: Path = args.out
+    args.out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(args.out / "results.json", json.dumps(results, indent=1, default=str))
+    write_outputs(results, args.out, args.update_doc)
+    log(f"wrote {args.out / 'results.json'}, {args.out / 'results.md'}, {args.out / 'speedup.png'}")
+    return 0
+
+
+def write_outputs(results: dict, out: Path, doc: Path | None) -> None:
+    """results.md and speedup.png under `out`; the bench block of `doc` when given."""
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "results.json", json.dumps(results, indent=1, default=str))
     block = render_markdown(results)
     _atomic_write(out / "results.md", block)
     render_chart(results, out / "speedup.png")
-    if args.update_doc:
-        update_doc(args.update_doc, block)
-    log(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'speedup.png'}")
-    return 0
+    if doc is not None:
+        update_doc(doc, block)
 
 
 if __name__ == "__main__":

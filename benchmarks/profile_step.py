@@ -1,0 +1,85 @@
+"""Where the time goes: torch.profiler tables of one configuration, imglish and official side by side.
+
+Uses the same models, weights, inputs and steps as `official_vs_imglish.py`:
+
+    python benchmarks/profile_step.py --workload vqa480 --mode train --batch 1
+    python benchmarks/profile_step.py --workload image224 --mode forward --batch 4 --depth 4
+
+Prints, for each implementation, the operators with the most self CPU time over `--steps` profiled steps (after
+one warm-up step), and a summary grouped into matmuls, attention, normalisation, element-wise/copies, optimizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import official_vs_imglish as bench  # noqa: E402
+
+GROUPS = {
+    "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::mkldnn_convolution",
+               "aten::convolution_backward"),
+    "attention (fused SDPA)": ("aten::_scaled_dot_product_flash_attention_for_cpu",
+                               "aten::_scaled_dot_product_flash_attention_for_cpu_backward"),
+    "softmax / masking": ("aten::_softmax", "aten::_softmax_backward_data", "aten::masked_fill_",
+                          "aten::masked_fill", "aten::nan_to_num"),
+    "layer norm": ("aten::native_layer_norm", "aten::native_layer_norm_backward"),
+    "gelu": ("aten::gelu", "aten::gelu_backward"),
+    "copies (cat/copy/clone/fill)": ("aten::cat", "aten::copy_", "aten::clone", "aten::fill_", "aten::zero_"),
+    "element-wise (add/mul/sum)": ("aten::add", "aten::add_", "aten::mul", "aten::mul_", "aten::sum", "aten::div"),
+    "optimizer": ("aten::_fused_adamw_", "aten::_foreach_add_", "aten::_foreach_mul_", "aten::_foreach_addcmul_",
+                  "aten::_foreach_addcdiv_", "aten::_foreach_sqrt", "aten::_foreach_div_", "aten::_foreach_lerp_"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workload", default="vqa480", choices=sorted(bench.WORKLOADS))
+    p.add_argument("--mode", default="train", choices=("forward", "train"))
+    p.add_argument("--dtype", default="fp32", choices=sorted(bench.DTYPES))
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--size", default="base")
+    p.add_argument("--depth", type=int, default=None)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--steps", type=int, default=1)
+    p.add_argument("--rows", type=int, default=15)
+    args = p.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    settings = bench.Settings(size=args.size, depth=args.depth, threads=args.threads)
+    workload = bench.WORKLOADS[args.workload]
+    pair = bench.build_pair(settings, workload)
+    data = bench.make_batch(workload, args.batch, settings.seed)
+    summary: dict[str, dict[str, float]] = {}
+    for impl in bench.IMPLS:
+        step = bench.make_step(pair[impl], args.mode, args.dtype, data, settings.fused_adamw)
+        step()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(args.steps):
+                step()
+        averages = prof.key_averages()
+        print(f"\n=== {impl}: {args.workload} {args.mode} {args.dtype}, batch {args.batch}, {args.steps} step(s)")
+        print(averages.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=55))
+        total = sum(e.self_cpu_time_total for e in averages)
+        groups = {name: 0.0 for name in GROUPS}
+        for event in averages:
+            for name, keys in GROUPS.items():
+                if event.key in keys:
+                    groups[name] += event.self_cpu_time_total
+        groups["other"] = total - sum(groups.values())
+        summary[impl] = {k: v / 1e6 / args.steps for k, v in groups.items()}
+        summary[impl]["total"] = total / 1e6 / args.steps
+    print("\nself CPU seconds per step (summed over threads' host-side ops):")
+    print(f"| group | {' | '.join(bench.IMPLS)} |\n|---|---|---|")
+    for name in [*GROUPS, "other", "total"]:
+        print(f"| {name} | " + " | ".join(f"{summary[i][name]:.2f}" for i in bench.IMPLS) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
