@@ -72,3 +72,52 @@ def test_real_tiny_model_loss_falls_through_cli_config(world, tmp_path, capsys):
     model = imglish.create_model(None, pretrained=str(out / "model.safetensors"))
     assert sum(p.numel() for p in model.parameters()) > 0
     assert os.path.getsize(out / "model.safetensors") > 0
+
+
+def test_precomputed_visual_targets_equal_online_ones_on_the_plain_view(world, tmp_path):
+    import torch
+
+    from imglish.tasks.pretraining import attach_visual_targets
+    from imglish.tokenizers.vqkd import create_vqkd
+    from imglish.tokenizers.vqkd_train import precompute_visual_tokens
+    from imglish.training.config import build_config
+    from imglish.training.pretrain import build_image_transform, load_world_sources
+    from imglish.training.streams import PrecomputedTargets, SampleMaker, StepBatches
+
+    torch.manual_seed(0)
+    tokenizer = create_vqkd("vqkd_tiny_patch8_64", img_size=32, n_code=16, kmeans_init=False).eval()  # random unit codes
+    root = world / "imagenet" / "train"
+    file = precompute_visual_tokens(tokenizer, root, tmp_path / "codes.safetensors", progress=False)
+    sources = load_world_sources(world, "train")
+
+    def batch(augment: bool, lookup):
+        maker = SampleMaker(lambda t: [0, 2], build_image_transform(32, augment), 4, 8, 9, visual_targets=lookup)
+        return StepBatches(sources, maker, {"image": 16}, seed=5)[1]["image"]
+
+    pre = batch(False, PrecomputedTargets({root: file}))
+    assert len(pre["visual_targets"].unique()) > 3  # a tokenizer that tells patches apart
+    assert "tokenizer_image" not in pre  # the tokenizer is not needed for these samples
+    online = {"image": batch(False, None)}
+    attach_visual_targets(online, tokenizer)
+    assert torch.equal(pre["visual_targets"], online["image"]["visual_targets"])
+    assert torch.equal(pre["image"], online["image"]["image"]) and torch.equal(pre["image_mask"], online["image"]["image_mask"])
+    # with random crops the codes of the crop differ from those of the whole image: why augment must be off
+    cropped = {"image": batch(True, None)}
+    attach_visual_targets(cropped, tokenizer)
+    assert not torch.equal(cropped["image"]["visual_targets"], pre["visual_targets"])
+    with pytest.raises(ValueError, match="needs data.augment=false"):
+        build_config("tiny", overrides={"data.visual_targets": "precomputed"})
+
+
+def test_pretrain_with_precomputed_targets_through_cli(world, tmp_path):
+    out = tmp_path / "run"
+    rc = cli_main(["pretrain", "--data", str(world), "--out", str(out), "--max-steps", "3",
+                   "--model.img_size", "32", "--data.visual_targets", "precomputed", "--data.augment", "false",
+                   "--data.visual_tokenizer_steps", "2", "--data.visual_tokenizer_codes", "16",
+                   "--data.text_vocab_size", "120", "--data.image_batch", "4", "--data.text_batch", "4",
+                   "--data.pair_batch", "4", "--data.heldout_batches", "1", "--logging.progress", "false",
+                   "--logging.tensorboard", "false", "--save-every", "0", "--parallel.threads", "1"])
+    assert rc == 0
+    assert (out / "tokenizers" / "visual_tokens.safetensors").exists()
+    rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert all("loss/image.mim" in r for r in rows)

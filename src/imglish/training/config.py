@@ -79,6 +79,11 @@ class DataConfig:
         visual_tokenizer: VQ-KD checkpoint; ``None`` trains one into ``OUT/tokenizers/`` (or reuses it).
         visual_tokenizer_codes: codebook size used when the visual tokenizer is trained here.
         visual_tokenizer_steps: training steps used when the visual tokenizer is trained here.
+        visual_targets: ``online`` runs the visual tokenizer on each batch (on the tokenizer's view of the same
+            crop the model sees); ``precomputed`` looks the image stream's codes up in a token file instead, which
+            needs ``augment = false`` (the file holds the codes of the un-augmented, resized image).
+        visual_tokens: the token file for ``precomputed`` (``imglish tokenizer precompute`` over the image-only
+            folder); ``None`` writes ``OUT/tokenizers/visual_tokens.safetensors`` (or reuses it).
         augment: random resized crop and flip on the image streams; off gives a plain resize.
         num_workers: DataLoader worker processes (each builds whole micro-batches).
         heldout_fraction: share of each stream kept apart for the held-out masked-token accuracy.
@@ -96,6 +101,8 @@ class DataConfig:
     visual_tokenizer: str | None = None
     visual_tokenizer_codes: int = 64
     visual_tokenizer_steps: int = 300
+    visual_targets: str = "online"
+    visual_tokens: str | None = None
     augment: bool = True
     num_workers: int = 0
     heldout_fraction: float = 0.1
@@ -269,6 +276,13 @@ class TrainConfig:
             raise ValueError("data.image_batch, data.text_batch and data.pair_batch are all 0; nothing to train on")
         if d.max_text_len < 3:
             raise ValueError(f"data.max_text_len must be >= 3 (BOS, one token, EOS), got {d.max_text_len}")
+        if d.visual_targets not in ("online", "precomputed"):
+            raise ValueError(f"data.visual_targets must be 'online' or 'precomputed', got {d.visual_targets!r}")
+        if d.visual_targets == "precomputed" and d.augment:
+            raise ValueError(
+                "data.visual_targets='precomputed' needs data.augment=false: precomputed codes belong to the "
+                "un-augmented (resized) image, not to random crops"
+            )
         if not 0.0 <= d.heldout_fraction < 1.0:
             raise ValueError(f"data.heldout_fraction must be in [0, 1), got {d.heldout_fraction}")
         if self.model.img_size % self.model.patch_size:

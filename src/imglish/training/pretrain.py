@@ -29,7 +29,14 @@ from imglish.tasks.pretraining import TERMS, MaskedDataModeling, attach_visual_t
 from imglish.training import parallel
 from imglish.training.checkpoint import atomic_torch_save
 from imglish.training.config import TrainConfig, save_config
-from imglish.training.streams import SampleMaker, StepBatches, StreamSources, pop_skipped, split_heldout
+from imglish.training.streams import (
+    PrecomputedTargets,
+    SampleMaker,
+    StepBatches,
+    StreamSources,
+    pop_skipped,
+    split_heldout,
+)
 from imglish.training.trainer import Trainer, TrainResult, to_device
 
 __all__ = [
@@ -38,6 +45,7 @@ __all__ = [
     "evaluate_heldout",
     "prepare_text_tokenizer",
     "prepare_visual_tokenizer",
+    "prepare_precomputed_targets",
     "load_world_sources",
     "tokenizer_corpus",
     "build_image_transform",
@@ -136,6 +144,44 @@ def prepare_visual_tokenizer(cfg: TrainConfig, image_dir: Path | None, is_main: 
     return model
 
 
+def prepare_precomputed_targets(
+    cfg: TrainConfig, sources: StreamSources, visual_tokenizer: nn.Module, is_main: bool = True
+) -> PrecomputedTargets:
+    """The image stream's visual codes from ``data.visual_tokens``, or from ``OUT/tokenizers/visual_tokens.safetensors``
+    written here (rank 0) with ``imglish.tokenizers.vqkd_train.precompute_visual_tokens`` if missing.
+
+    Raises:
+        ValueError: if the image stream is not an image folder (``imglish.data.ImageOnlyDataset``), or if the file's
+            codebook does not match the visual tokenizer's.
+    """
+    from imglish.tokenizers.vqkd_train import precompute_visual_tokens
+
+    images = sources.images
+    base = getattr(images, "base", images)  # a held-out split wraps the reader
+    root = getattr(base, "root", None)
+    if root is None:
+        raise ValueError("data.visual_targets='precomputed' needs an image-only folder (imglish.data.ImageOnlyDataset)")
+    if cfg.data.visual_tokens:
+        path = Path(cfg.data.visual_tokens)
+        if not path.is_file():
+            raise FileNotFoundError(f"data.visual_tokens {str(path)!r} does not exist")
+    else:
+        path = Path(cfg.out) / "tokenizers" / "visual_tokens.safetensors"
+        if is_main and not path.exists():
+            precompute_visual_tokens(visual_tokenizer, root, path, progress=cfg.logging.progress)
+        parallel.barrier()
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as fh:
+        n_code = int((fh.metadata() or {}).get("n_code", -1))
+    if n_code != _num_codes(visual_tokenizer):
+        raise ValueError(
+            f"{str(path)!r} holds codes of a {n_code}-code tokenizer but the visual tokenizer has "
+            f"{_num_codes(visual_tokenizer)} codes"
+        )
+    return PrecomputedTargets({root: path})
+
+
 # --------------------------------------------------------------------------------------------- data
 def build_image_transform(image_size: int, augment: bool) -> Callable[[Any], tuple[torch.Tensor, torch.Tensor]]:
     """``PIL image -> (normalised (3, S, S), [0, 1] (3, S, S))``: the BEiT two-view pretraining transform, or a
@@ -148,14 +194,19 @@ def build_image_transform(image_size: int, augment: bool) -> Callable[[Any], tup
 
 
 class _PlainTwoView:
-    """Squash-resize (bicubic) to ``size``; returns the 0.5-normalised view and the [0, 1] view."""
+    """Squash-resize (bicubic) to ``size``; returns the 0.5-normalised view and the [0, 1] view.
+
+    The [0, 1] view is made exactly as ``imglish tokenizer precompute`` makes its input (resize the 8-bit image,
+    then scale), so that precomputed visual codes are the codes of this view.
+    """
 
     def __init__(self, size: int) -> None:
         from torchvision.transforms import InterpolationMode, v2
 
         self.tf = v2.Compose([
-            v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
+            v2.ToImage(),
             v2.Resize((size, size), interpolation=InterpolationMode.BICUBIC, antialias=True),
+            v2.ToDtype(torch.float32, scale=True),
         ])
 
     def __call__(self, img: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -439,23 +490,26 @@ def pretrain(
         image_dir = Path(cfg.data.path) / "imagenet" / "train" if cfg.data.path else None
         visual_tokenizer = prepare_visual_tokenizer(cfg, image_dir, info.is_main)
     num_codes = _num_codes(visual_tokenizer)
+    targets = None
+    if cfg.data.visual_targets == "precomputed" and sources.images is not None:
+        targets = prepare_precomputed_targets(cfg, sources, visual_tokenizer, info.is_main)
     if model is None:
         model = _build_model(cfg, vocab_size, num_codes)
     side = cfg.model.img_size // cfg.model.patch_size
     o = cfg.objective
 
-    def maker(augment: bool) -> SampleMaker:
+    def maker(augment: bool, lookup: PrecomputedTargets | None = None) -> SampleMaker:
         return SampleMaker(
             text_encode, build_image_transform(cfg.model.img_size, augment), side, cfg.data.max_text_len, mask_id,
             pad_id=pad_id, eos_id=eos_id, bos_id=bos_id, image_mask_ratio=o.image_mask_ratio,
             text_mask_prob=o.text_mask_prob, pair_text_mask_prob=o.pair_text_mask_prob,
             pair_image_mask_ratio=o.pair_image_mask_ratio, replace_80_10_10=o.replace_80_10_10,
-            min_block_patches=o.min_block_patches,
+            min_block_patches=o.min_block_patches, visual_targets=lookup,
         )
 
     sizes = {"image": cfg.data.image_batch, "text": cfg.data.text_batch, "pair": cfg.data.pair_batch}
     dataset = StepBatches(
-        sources, maker(cfg.data.augment), sizes, cfg.seed, info.rank, info.world_size, cfg.optim.accum_steps,
+        sources, maker(cfg.data.augment, targets), sizes, cfg.seed, info.rank, info.world_size, cfg.optim.accum_steps,
         skip_counter=skip_counter,
     )
     trainer = Trainer(cfg, model, dataset, visual_tokenizer, info, device, loss_hook=loss_hook)
@@ -477,6 +531,7 @@ def pretrain(
         eval_sizes = {s: max(n // max(info.world_size * cfg.optim.accum_steps, 1), 1) for s, n in sizes.items() if n}
         usable = {s: n for s, n in eval_sizes.items() if heldout_sources.get(s) is not None}
         if usable and cfg.data.heldout_batches > 0 and trainer.strategy != "fsdp":  # FSDP: sharded model
+            # held-out images are not in the precomputed table: the tokenizer codes them (the same plain view)
             held = StepBatches(heldout_sources, maker(False), usable, cfg.seed + 1, skip_counter=BadRecordCounter())
             train_plain = StepBatches(sources, maker(False), usable, cfg.seed + 2, skip_counter=BadRecordCounter())
             counts = training_target_counts(train_plain, max(cfg.data.heldout_batches, 4), visual_tokenizer, device)

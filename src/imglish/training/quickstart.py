@@ -33,7 +33,7 @@ QUICKSTART_OVERRIDES: dict[str, object] = {
     "data.image_batch": 16, "data.text_batch": 16, "data.pair_batch": 16,
     "data.visual_tokenizer_steps": 200, "data.visual_tokenizer_codes": 64, "data.text_vocab_size": 256,
     "optim.lr": 1.5e-3, "schedule.warmup_steps": 30, "checkpoint.save_every": 100, "checkpoint.resume": True,
-    "parallel.threads": 1,
+    "data.heldout_batches": 16, "parallel.threads": 1,
 }
 
 

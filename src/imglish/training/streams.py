@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -26,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 __all__ = [
     "StreamSources",
     "SampleMaker",
+    "PrecomputedTargets",
     "StepBatches",
     "sample_seed",
     "split_heldout",
@@ -113,6 +115,10 @@ class SampleMaker:
         mask_id: id of ``<mask>``; pad_id, eos_id: the tokenizer's ids.
         image_mask_ratio, text_mask_prob, pair_text_mask_prob, pair_image_mask_ratio, replace_80_10_10,
         min_block_patches: the masking of :class:`imglish.training.config.ObjectiveConfig`.
+        visual_targets: optional ``record -> (N,) long`` giving precomputed visual codes of an image-stream
+            record's image (see :class:`PrecomputedTargets`); image samples then carry ``visual_targets`` instead of
+            the tokenizer's view, and the visual tokenizer is not run on them (a masked pair image still is). Only
+            valid for a deterministic view.
     """
 
     def __init__(
@@ -131,9 +137,11 @@ class SampleMaker:
         pair_image_mask_ratio: float = 0.0,
         replace_80_10_10: bool = False,
         min_block_patches: int = 4,
+        visual_targets: Callable[[Any], torch.Tensor] | None = None,
     ) -> None:
         from imglish.data.masking import BlockMaskGenerator
 
+        self.visual_targets = visual_targets
         self.encode, self.image_transform = encode, image_transform
         self.max_text_len, self.mask_id = max_text_len, mask_id
         self.pad_id, self.eos_id, self.bos_id = pad_id, eos_id, bos_id
@@ -170,7 +178,7 @@ class SampleMaker:
         )
         return {"text_ids": masked[0], "padding_mask": pad[0], "text_mask": tmask[0], "text_targets": row[0]}
 
-    def _image(self, image: Any, seed: int, masker: Any) -> dict[str, torch.Tensor]:
+    def _image(self, image: Any, seed: int, masker: Any, record: Any = None, lookup: bool = False) -> dict[str, torch.Tensor]:
         if self.image_transform is None:
             raise ValueError("no image transform configured")
         py_state = random.getstate()
@@ -181,7 +189,10 @@ class SampleMaker:
                 pixels, tok_view = self.image_transform(image)
         finally:
             random.setstate(py_state)
-        out = {"image": pixels, "tokenizer_image": tok_view}
+        if lookup and self.visual_targets is not None and masker is not None:
+            out = {"image": pixels, "visual_targets": self.visual_targets(record).long()}
+        else:
+            out = {"image": pixels, "tokenizer_image": tok_view}
         if masker is not None:
             out["image_mask"] = masker(rng=np.random.default_rng(seed ^ 0x5DEECE66D))
         return out
@@ -190,7 +201,7 @@ class SampleMaker:
         """Tensors of one sample of ``stream`` (see :class:`MaskedDataModeling` for the keys)."""
         if stream == "image":
             img = record if not isinstance(record, dict) and not hasattr(record, "image") else _field(record, "image")
-            return self._image(img, seed, self.image_masker)
+            return self._image(img, seed, self.image_masker, record, lookup=True)
         if stream == "text":
             text = record if isinstance(record, str) else _field(record, "text")
             return self._text(text, self.text_mask_prob, seed)
@@ -200,7 +211,7 @@ class SampleMaker:
             else:
                 img, text = _field(record, "image"), _field(record, "text", "caption")
             out = self._text(text, self.pair_text_mask_prob, seed)
-            out.update(self._image(img, seed + 1, self.pair_image_masker))
+            out.update(self._image(img, seed + 1, self.pair_image_masker, record))
             return out
         raise ValueError(f"unknown stream {stream!r}")
 
@@ -211,6 +222,49 @@ SKIPPED_KEY = "skipped"
 def pop_skipped(batch: dict[str, Any]) -> list[Any]:
     """Remove and return the skipped records a :class:`StepBatches` item carries (an empty list if none)."""
     return list(batch.pop(SKIPPED_KEY, None) or [])
+
+
+class PrecomputedTargets:
+    """Visual codes looked up by image path in files written by ``imglish tokenizer precompute``
+    (:func:`imglish.tokenizers.vqkd_train.precompute_visual_tokens`).
+
+    Such a file holds the codes of each image squash-resized to the tokenizer's size, so the codes are those of the
+    un-augmented view; use it only with ``data.augment = false``.
+
+    Args:
+        files: ``{image folder the file was made from: token file}``.
+
+    Raises:
+        ValueError: (on lookup) for an image the files do not cover or could not read; the sampler counts it as a
+            bad record and moves on.
+    """
+
+    def __init__(self, files: dict[str | Path, str | Path]) -> None:
+        from imglish.tokenizers.vqkd_train import load_visual_tokens
+
+        self.table: dict[str, torch.Tensor] = {}
+        for root, file in files.items():
+            base = Path(root).resolve()
+            for rel, codes in load_visual_tokens(file).items():
+                self.table[str(base / rel)] = codes
+        self.files = {str(k): str(v) for k, v in files.items()}
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __call__(self, record: Any) -> torch.Tensor:
+        path = None
+        for key in ("path", "image_path"):
+            if isinstance(record, dict) and key in record:
+                path = record[key]
+        if path is None:
+            raise ValueError("precomputed visual targets need records with a 'path' or 'image_path' field")
+        codes = self.table.get(str(Path(path).resolve()))
+        if codes is None:
+            raise ValueError(f"no precomputed visual tokens for {path} in {sorted(self.files.values())}")
+        if bool((codes < 0).any()):
+            raise ValueError(f"the precomputed visual tokens of {path} are missing (unreadable when precomputed)")
+        return codes
 
 
 def _is_bad(record: Any) -> bool:
