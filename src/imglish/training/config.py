@@ -84,6 +84,12 @@ class DataConfig:
             needs ``augment = false`` (the file holds the codes of the un-augmented, resized image).
         visual_tokens: the token file for ``precomputed`` (``imglish tokenizer precompute`` over the image-only
             folder); ``None`` writes ``OUT/tokenizers/visual_tokens.safetensors`` (or reuses it).
+        format: ``files`` reads the folder's datasets through the index-addressable readers (exact, independent of
+            the number of processes); ``wds`` streams webdataset shards (for web-scale data; see
+            :class:`imglish.training.streams.WdsStepBatches`).
+        wds_images, wds_texts, wds_pairs: shards of each stream for ``wds`` (brace pattern, ``::`` list or folder);
+            ``None``: ``DIR/wds/{images,text,pairs}-train-*.tar``.
+        wds_shuffle_buffer: samples in each stream's shuffle buffer for ``wds``.
         augment: random resized crop and flip on the image streams; off gives a plain resize.
         num_workers: DataLoader worker processes (each builds whole micro-batches).
         heldout_fraction: share of each stream kept apart for the held-out masked-token accuracy.
@@ -103,6 +109,11 @@ class DataConfig:
     visual_tokenizer_steps: int = 300
     visual_targets: str = "online"
     visual_tokens: str | None = None
+    format: str = "files"
+    wds_images: str | None = None
+    wds_texts: str | None = None
+    wds_pairs: str | None = None
+    wds_shuffle_buffer: int = 1000
     augment: bool = True
     num_workers: int = 0
     heldout_fraction: float = 0.1
@@ -283,6 +294,11 @@ class TrainConfig:
                 "data.visual_targets='precomputed' needs data.augment=false: precomputed codes belong to the "
                 "un-augmented (resized) image, not to random crops"
             )
+        if d.format not in ("files", "wds"):
+            raise ValueError(f"data.format must be 'files' or 'wds', got {d.format!r}")
+        if d.format == "wds" and d.visual_targets == "precomputed":
+            raise ValueError("data.visual_targets='precomputed' works with data.format='files' (codes are looked up "
+                             "by image path)")
         if not 0.0 <= d.heldout_fraction < 1.0:
             raise ValueError(f"data.heldout_fraction must be in [0, 1), got {d.heldout_fraction}")
         if self.model.img_size % self.model.patch_size:

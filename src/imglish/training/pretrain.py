@@ -34,6 +34,7 @@ from imglish.training.streams import (
     SampleMaker,
     StepBatches,
     StreamSources,
+    WdsStepBatches,
     pop_skipped,
     split_heldout,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "prepare_precomputed_targets",
     "load_world_sources",
     "tokenizer_corpus",
+    "wds_streams",
     "build_image_transform",
     "export_model",
 ]
@@ -264,6 +266,39 @@ def load_world_sources(
     return sources
 
 
+_WDS_DEFAULTS = {"image": ("images", "images-train-*.tar"), "text": ("texts", "text-train-*.tar"),
+                 "pair": ("pairs", "pairs-train-*.tar")}
+
+
+def wds_streams(cfg: TrainConfig, sizes: dict[str, int], skip: Any = None) -> dict[str, Any]:
+    """One :class:`imglish.data.WdsStream` per stream with a batch size: the shards of ``data.wds_images``,
+    ``data.wds_texts``, ``data.wds_pairs`` (brace patterns, ``::`` lists or folders), by default the world's
+    ``DIR/wds/{images,text,pairs}-train-*.tar``. Shards are split by rank and by DataLoader worker, shuffled with the
+    run's seed (``data.wds_shuffle_buffer`` samples of shuffle buffer).
+
+    Raises:
+        FileNotFoundError: when a stream has no shards.
+    """
+    from imglish.data import WdsStream
+
+    given = {"image": cfg.data.wds_images, "text": cfg.data.wds_texts, "pair": cfg.data.wds_pairs}
+    streams = {}
+    for stream, (kind, pattern) in _WDS_DEFAULTS.items():
+        if sizes.get(stream, 0) <= 0:
+            continue
+        urls: Any = given[stream]
+        if urls is None:
+            folder = Path(cfg.data.path or ".") / "wds"
+            urls = [str(f) for f in sorted(folder.glob(pattern))]
+            if not urls:
+                raise FileNotFoundError(
+                    f"no {pattern} shards in {str(folder)!r} for the {stream} stream; set data.wds_{kind}"
+                )
+        streams[stream] = WdsStream(urls, kind, skip=skip, shuffle_shards=True,
+                                    shuffle_buffer=cfg.data.wds_shuffle_buffer, seed=cfg.seed, split_by_node=True)
+    return streams
+
+
 def tokenizer_corpus(sources: StreamSources, folder: Path) -> list[Path]:
     """Text files to train the text tokenizer on: the text stream's own files, plus the pair captions written to
     ``folder/captions_train.txt`` (under the run folder, never into the data folder).
@@ -469,7 +504,12 @@ def pretrain(
     if sources is None:
         if not cfg.data.path:
             raise ValueError("data.path (--data) is required: a folder written by `imglish data shapes`")
-        sources = load_world_sources(cfg.data.path, "train", skip_counter)
+        try:
+            sources = load_world_sources(cfg.data.path, "train", skip_counter)
+        except FileNotFoundError:
+            if cfg.data.format != "wds":
+                raise
+            sources = StreamSources()  # shards only: no tokenizer training from files, no held-out evaluation
         if heldout_sources is None:
             try:
                 heldout_sources = load_world_sources(cfg.data.path, "val", BadRecordCounter(strict=cfg.data.strict))
@@ -508,10 +548,17 @@ def pretrain(
         )
 
     sizes = {"image": cfg.data.image_batch, "text": cfg.data.text_batch, "pair": cfg.data.pair_batch}
-    dataset = StepBatches(
-        sources, maker(cfg.data.augment, targets), sizes, cfg.seed, info.rank, info.world_size, cfg.optim.accum_steps,
-        skip_counter=skip_counter,
-    )
+    dataset: StepBatches | WdsStepBatches
+    if cfg.data.format == "wds":
+        dataset = WdsStepBatches(
+            wds_streams(cfg, sizes, skip_counter), maker(cfg.data.augment), sizes, cfg.seed, info.rank,
+            info.world_size, cfg.optim.accum_steps, skip_counter=skip_counter,
+        )
+    else:
+        dataset = StepBatches(
+            sources, maker(cfg.data.augment, targets), sizes, cfg.seed, info.rank, info.world_size,
+            cfg.optim.accum_steps, skip_counter=skip_counter,
+        )
     trainer = Trainer(cfg, model, dataset, visual_tokenizer, info, device, loss_hook=loss_hook)
     if cfg.checkpoint.resume:
         trainer.maybe_resume()

@@ -29,6 +29,7 @@ __all__ = [
     "SampleMaker",
     "PrecomputedTargets",
     "StepBatches",
+    "WdsStepBatches",
     "sample_seed",
     "split_heldout",
     "make_step_loader",
@@ -385,6 +386,124 @@ class StepBatches(Dataset):
         return batch
 
 
+class WdsStepBatches(torch.utils.data.IterableDataset):
+    """Micro-batches from webdataset shards, for corpora too large to index (``data.format = "wds"``).
+
+    Each stream is an :class:`imglish.data.WdsStream` that gives every rank, and every DataLoader worker of a rank,
+    its own shards (``split_by_node``, then webdataset's ``split_by_worker``), in a seeded shard order with a seeded
+    shuffle buffer; when a stream runs out, its next epoch starts (reseeded with ``set_epoch``). Micro-batch ``k``
+    of this rank takes the next ``batch / (world_size x accum_steps)`` records of each stream; sample ``j`` of a
+    stream is made with the seed of ``(seed, stream, rank, worker, j)``.
+
+    Unlike :class:`StepBatches`, the samples of a step depend on the number of processes and workers (each reads
+    its own shards). With the same process and worker counts the order is fixed by the seed, so a resumed run
+    skips the records it had used and continues with the same data as an uninterrupted one.
+
+    Args:
+        streams: ``{"image": WdsStream, "text": ..., "pair": ...}`` (kinds ``images``, ``texts``, ``pairs``).
+        maker, batch_sizes, seed, rank, world_size, accum_steps, skip_counter: as for :class:`StepBatches`.
+    """
+
+    def __init__(
+        self,
+        streams: dict[str, Any],
+        maker: SampleMaker,
+        batch_sizes: dict[str, int],
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        accum_steps: int = 1,
+        skip_counter: Any = None,
+    ) -> None:
+        self.streams, self.maker, self.seed = streams, maker, seed
+        self.rank, self.world_size, self.accum_steps = rank, world_size, accum_steps
+        self.skip_counter = skip_counter
+        self.batch_sizes: dict[str, int] = {}
+        for stream, size in batch_sizes.items():
+            if size <= 0:
+                continue
+            if streams.get(stream) is None:
+                raise ValueError(f"data: the {stream} stream has batch size {size} but no shards")
+            parts = world_size * accum_steps
+            if size % parts:
+                raise ValueError(
+                    f"data.{stream}_batch ({size}) must be divisible by world_size x accum_steps "
+                    f"({world_size} x {accum_steps} = {parts})"
+                )
+            self.batch_sizes[stream] = size
+        self.start, self.stop = 0, None
+
+    def micro_batch_size(self, stream: str) -> int:
+        return self.batch_sizes[stream] // (self.world_size * self.accum_steps)
+
+    def set_range(self, start: int, stop: int | None) -> None:
+        """Yield micro-batches ``start`` to ``stop`` (exclusive) of this rank (the trainer's resume position)."""
+        self.start, self.stop = int(start), stop
+
+    def _records(self, stream: str, worker: int, workers: int):
+        """Endless records of one stream for this worker, epoch after epoch."""
+        ws = self.streams[stream]
+        epoch = 0
+        while True:
+            ws.set_epoch(epoch)
+            empty = True
+            for rec in ws:
+                empty = False
+                yield rec
+            if empty:
+                raise ValueError(
+                    f"the {stream} shards give rank {self.rank} (worker {worker} of {workers}) no records; use at "
+                    "least world_size x num_workers shards per stream"
+                )
+            epoch += 1
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        iters = {s: self._records(s, worker, workers) for s in self.batch_sizes}
+        used = dict.fromkeys(self.batch_sizes, 0)
+        pending: list[Any] = []
+        k = 0
+        while self.stop is None or k < self.stop:
+            if k % workers != worker:  # workers take turns, each reading its own shards
+                k += 1
+                continue
+            replay = k < self.start  # before the resume position: read past the records, yield nothing
+            batch: dict[str, Any] = {}
+            for stream in self.batch_sizes:
+                samples: list[Any] = []
+                while len(samples) < self.micro_batch_size(stream):
+                    rec = next(iters[stream])
+                    j = used[stream]
+                    used[stream] += 1
+                    if _is_bad(rec):  # a bad record takes no place in the batch
+                        if not replay:
+                            self._count(rec, pending)
+                        continue
+                    try:  # (made during the replay too: whether a record is usable decides the batches)
+                        seed = sample_seed(self.seed, f"{stream}/{self.rank}/{worker}", j)
+                        samples.append(self.maker(stream, rec, seed))
+                    except Exception as err:  # noqa: BLE001 - counted, never dropped silently
+                        if self.skip_counter is None or getattr(self.skip_counter, "strict", False):
+                            raise
+                        if not replay:
+                            key = rec.get("key", j) if isinstance(rec, dict) else j
+                            self._count(self.skip_counter.report(f"pretraining/{stream}", key, "unusable sample",
+                                                                 repr(err)), pending)
+                if not replay:
+                    batch[stream] = {key: torch.stack([x[key] for x in samples]) for key in samples[0]}
+            if not replay:
+                if pending:
+                    batch[SKIPPED_KEY], pending = pending, []
+                yield batch
+            k += 1
+
+    def _count(self, record: Any, pending: list[Any]) -> None:
+        if self.skip_counter is not None and hasattr(self.skip_counter, "absorb") and _is_bad(record):
+            self.skip_counter.absorb([record])
+        pending.append(record)
+
+
 class _Range(torch.utils.data.Sampler):
     def __init__(self, start: int, stop: int) -> None:
         self.start, self.stop = start, stop
@@ -405,6 +524,10 @@ def make_step_loader(
     ``num_workers``.
     """
     A = dataset.accum_steps
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        dataset.set_range(start_step * A, max_steps * A)
+        return DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False,
+                          prefetch_factor=2 if num_workers > 0 else None)
     return DataLoader(
         dataset,
         sampler=_Range(start_step * A, max_steps * A),
