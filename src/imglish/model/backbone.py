@@ -71,7 +71,10 @@ class MultiwayAttention(nn.Module):
             parts.append(_expert(self.qkv, TEXT)(ht))
         qkv = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         batch, length, _ = qkv.shape
-        q, k, v = qkv.view(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        # Unbinding the (q, k, v) axis in place and transposing each part gives the same strided views as a permute
+        # to (3, B, H, L, hd), but in backward the three gradients are stacked straight into the (B, L, 3D) layout
+        # of the fused projection's output: one copy per layer instead of two.
+        q, k, v = (t.transpose(1, 2) for t in qkv.view(batch, length, 3, self.num_heads, self.head_dim).unbind(2))
         if cache is not None:
             if cache.key is not None:
                 k = torch.cat([cache.key, k], dim=2)
