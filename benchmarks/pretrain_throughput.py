@@ -28,8 +28,9 @@ import torch
 STREAMS = ("image", "text", "pair")
 
 
-def make_batch(stream: str, b: int, side: int, img: int, t: int, vocab: int, codes: int, cfg: Any,
-               g: torch.Generator) -> dict[str, torch.Tensor]:
+def make_batch(
+    stream: str, b: int, side: int, img: int, t: int, vocab: int, codes: int, cfg: Any, g: torch.Generator
+) -> dict[str, torch.Tensor]:
     """A random micro-batch of one stream in the layout of ``imglish.training.streams.SampleMaker``."""
     n = side * side
     out: dict[str, torch.Tensor] = {}
@@ -38,7 +39,7 @@ def make_batch(stream: str, b: int, side: int, img: int, t: int, vocab: int, cod
         out["visual_targets"] = torch.randint(0, codes, (b, n), generator=g)
         ratio = cfg.objective.image_mask_ratio if stream == "image" else cfg.objective.pair_image_mask_ratio
         if ratio > 0:
-            k = int(round(ratio * n))
+            k = round(ratio * n)
             mask = torch.zeros(b, n, dtype=torch.bool)
             for i in range(b):
                 mask[i, torch.randperm(n, generator=g)[:k]] = True
@@ -68,8 +69,16 @@ def tokens_of(batch: dict[str, dict[str, torch.Tensor]]) -> int:
     return n
 
 
-def measure(preset: str, precision: str, batch: int, steps: int, warmup: int, vocab: int, codes: int,
-            streams: tuple[str, ...]) -> dict[str, Any]:
+def measure(
+    preset: str,
+    precision: str,
+    batch: int,
+    steps: int,
+    warmup: int,
+    vocab: int,
+    codes: int,
+    streams: tuple[str, ...],
+) -> dict[str, Any]:
     """Time ``steps`` optimizer steps over ``streams`` (``batch`` samples each); returns the figures."""
     import imglish
     from imglish.tasks.pretraining import MaskedDataModeling
@@ -78,17 +87,29 @@ def measure(preset: str, precision: str, batch: int, steps: int, warmup: int, vo
 
     cfg = get_preset(preset)
     torch.manual_seed(0)
-    model = imglish.create_model(cfg.model.name, img_size=cfg.model.img_size, patch_size=cfg.model.patch_size,
-                                 vocab_size=vocab, num_visual_tokens=codes, drop_path_rate=cfg.model.drop_path_rate)
+    model = imglish.create_model(
+        cfg.model.name,
+        img_size=cfg.model.img_size,
+        patch_size=cfg.model.patch_size,
+        vocab_size=vocab,
+        num_visual_tokens=codes,
+        drop_path_rate=cfg.model.drop_path_rate,
+    )
     if cfg.parallel.activation_checkpointing:
         model.beit3.set_grad_checkpointing(True)
     mdm = MaskedDataModeling(model).train()
-    opt = build_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.eps, fused=True)
+    opt = build_optimizer(
+        model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.eps, fused=True
+    )
     side = cfg.model.img_size // cfg.model.patch_size
     g = torch.Generator().manual_seed(0)
-    data = {s: make_batch(s, batch, side, cfg.model.img_size, cfg.data.max_text_len, vocab, codes, cfg, g)
-            for s in streams}
-    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext())
+    data = {
+        s: make_batch(s, batch, side, cfg.model.img_size, cfg.data.max_text_len, vocab, codes, cfg, g)
+        for s in streams
+    }
+    autocast = (
+        torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    )
 
     def step() -> None:
         with autocast:
@@ -105,11 +126,19 @@ def measure(preset: str, precision: str, batch: int, steps: int, warmup: int, vo
         step()
     dt = (time.perf_counter() - t0) / steps
     return {
-        "preset": preset, "model": cfg.model.name, "img_size": cfg.model.img_size,
-        "patch_size": cfg.model.patch_size, "text_len": cfg.data.max_text_len, "precision": precision,
-        "streams": "+".join(streams), "batch_per_stream": batch, "s_per_step": dt,
-        "samples_per_s_per_stream": batch / dt, "samples_per_s": batch * len(streams) / dt,
-        "tokens_per_s": tokens_of(data) / dt, "threads": torch.get_num_threads(),
+        "preset": preset,
+        "model": cfg.model.name,
+        "img_size": cfg.model.img_size,
+        "patch_size": cfg.model.patch_size,
+        "text_len": cfg.data.max_text_len,
+        "precision": precision,
+        "streams": "+".join(streams),
+        "batch_per_stream": batch,
+        "s_per_step": dt,
+        "samples_per_s_per_stream": batch / dt,
+        "samples_per_s": batch * len(streams) / dt,
+        "tokens_per_s": tokens_of(data) / dt,
+        "threads": torch.get_num_threads(),
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
     }
 
@@ -131,9 +160,13 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     from imglish.training.config import get_preset
 
-    print(f"# {platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
-          f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
-    print("| preset | precision | streams | batch/stream | s/step | samples/s per stream | samples/s | tokens/s |")
+    print(
+        f"# {platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
+        f"CPU capability {torch.backends.cpu.get_cpu_capability()}"
+    )
+    print(
+        "| preset | precision | streams | batch/stream | s/step | samples/s per stream | samples/s | tokens/s |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for preset in args.preset:
         pc = get_preset(preset)
@@ -143,10 +176,12 @@ def main(argv: list[str] | None = None) -> int:
         for precision in args.precision:
             for streams in groups:
                 r = measure(preset, precision, args.batch, args.steps, args.warmup, vocab, codes, streams)
-                print(f"| {preset} ({r['params_m']:.1f}M, {r['img_size']}px/p{r['patch_size']}, text {r['text_len']}) "
-                      f"| {precision} | {r['streams']} | {args.batch} | {r['s_per_step']:.3f} | "
-                      f"{r['samples_per_s_per_stream']:.2f} | {r['samples_per_s']:.2f} | {r['tokens_per_s']:.0f} |",
-                      flush=True)
+                print(
+                    f"| {preset} ({r['params_m']:.1f}M, {r['img_size']}px/p{r['patch_size']}, text {r['text_len']}) "
+                    f"| {precision} | {r['streams']} | {args.batch} | {r['s_per_step']:.3f} | "
+                    f"{r['samples_per_s_per_stream']:.2f} | {r['samples_per_s']:.2f} | {r['tokens_per_s']:.0f} |",
+                    flush=True,
+                )
                 if args.json:
                     with open(args.json, "a") as f:
                         f.write(json.dumps(r) + "\n")

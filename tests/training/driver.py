@@ -12,16 +12,26 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-from standin import CHAR_MASK, CHAR_VOCAB, ColourTokenizer, StandInPretraining, char_encode, make_sources  # noqa: E402
+import torch
+from standin import CHAR_MASK, CHAR_VOCAB, ColourTokenizer, StandInPretraining, char_encode, make_sources
 
-from imglish.training.config import build_config  # noqa: E402
-from imglish.training.pretrain import pretrain  # noqa: E402
+from imglish.training.config import build_config
+from imglish.training.pretrain import pretrain
 
 BASE = {
-    "model.img_size": 32, "model.patch_size": 8, "data.image_batch": 8, "data.text_batch": 8, "data.pair_batch": 8,
-    "data.max_text_len": 24, "data.heldout_batches": 0, "schedule.warmup_steps": 2, "optim.lr": 3e-3,
-    "logging.log_every": 1, "logging.progress": False, "logging.tensorboard": False, "parallel.threads": 1,
+    "model.img_size": 32,
+    "model.patch_size": 8,
+    "data.image_batch": 8,
+    "data.text_batch": 8,
+    "data.pair_batch": 8,
+    "data.max_text_len": 24,
+    "data.heldout_batches": 0,
+    "schedule.warmup_steps": 2,
+    "optim.lr": 3e-3,
+    "logging.log_every": 1,
+    "logging.progress": False,
+    "logging.tensorboard": False,
+    "parallel.threads": 1,
 }
 
 
@@ -47,8 +57,14 @@ def main(argv: list[str]) -> None:
 
     sources = make_sources(48, cfg.model.img_size, seed=1)
     pretrain(
-        cfg, model=model, visual_tokenizer=ColourTokenizer(cfg.model.patch_size), text_encode=char_encode,
-        sources=sources, heldout_sources=sources, vocab_size=CHAR_VOCAB, mask_id=CHAR_MASK,
+        cfg,
+        model=model,
+        visual_tokenizer=ColourTokenizer(cfg.model.patch_size),
+        text_encode=char_encode,
+        sources=sources,
+        heldout_sources=sources,
+        vocab_size=CHAR_VOCAB,
+        mask_id=CHAR_MASK,
         on_step=on_step,
     )
 

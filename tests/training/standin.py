@@ -51,8 +51,15 @@ class _Backbone(nn.Module):
 class StandInPretraining(nn.Module):
     """Same call signature and outputs as ``beit3_*_pretraining`` of the contract."""
 
-    def __init__(self, vocab_size: int, num_visual_tokens: int, img_size: int = 32, patch_size: int = 8,
-                 dim: int = 32, depth: int = 2) -> None:
+    def __init__(
+        self,
+        vocab_size: int,
+        num_visual_tokens: int,
+        img_size: int = 32,
+        patch_size: int = 8,
+        dim: int = 32,
+        depth: int = 2,
+    ) -> None:
         super().__init__()
         self.beit3 = _Backbone(dim, depth, vocab_size, img_size, patch_size)
         self.mim_head = nn.Linear(dim, num_visual_tokens)
@@ -81,7 +88,11 @@ class StandInPretraining(nn.Module):
             pads.append(torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device))
         if text_ids is not None:
             parts.append(b.text_embed(text_ids))
-            pads.append(padding_mask.bool() if padding_mask is not None else torch.zeros_like(text_ids, dtype=torch.bool))
+            pads.append(
+                padding_mask.bool()
+                if padding_mask is not None
+                else torch.zeros_like(text_ids, dtype=torch.bool)
+            )
         x = torch.cat(parts, 1)
         x = x + b.pos[:, : x.shape[1]]
         pad = torch.cat(pads, 1)

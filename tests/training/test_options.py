@@ -11,18 +11,28 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from standin import CHAR_MASK, CHAR_VOCAB, ColourTokenizer, StandInPretraining, char_encode, make_sources  # noqa: E402
+from standin import CHAR_MASK, CHAR_VOCAB, ColourTokenizer, StandInPretraining, char_encode, make_sources
 
-from imglish.training.checkpoint import CheckpointManager  # noqa: E402
-from imglish.training.config import build_config  # noqa: E402
-from imglish.training.pretrain import pretrain  # noqa: E402
-from imglish.training.streams import SampleMaker, StepBatches  # noqa: E402
+from imglish.training.checkpoint import CheckpointManager
+from imglish.training.config import build_config
+from imglish.training.pretrain import pretrain
+from imglish.training.streams import SampleMaker, StepBatches
 
 BASE = {
-    "model.img_size": 32, "model.patch_size": 8, "data.image_batch": 8, "data.text_batch": 8,
-    "data.pair_batch": 8, "data.max_text_len": 24, "data.heldout_batches": 0, "schedule.warmup_steps": 1,
-    "optim.lr": 3e-3, "parallel.threads": 1, "logging.log_every": 1, "logging.progress": False,
-    "logging.tensorboard": False, "checkpoint.save_every": 0,
+    "model.img_size": 32,
+    "model.patch_size": 8,
+    "data.image_batch": 8,
+    "data.text_batch": 8,
+    "data.pair_batch": 8,
+    "data.max_text_len": 24,
+    "data.heldout_batches": 0,
+    "schedule.warmup_steps": 1,
+    "optim.lr": 3e-3,
+    "parallel.threads": 1,
+    "logging.log_every": 1,
+    "logging.progress": False,
+    "logging.tensorboard": False,
+    "checkpoint.save_every": 0,
 }
 
 
@@ -34,8 +44,14 @@ def _run(out: Path, steps: int, model: torch.nn.Module | None = None, **override
     sources = make_sources(48, 32, seed=1)
     model = model if model is not None else StandInPretraining(CHAR_VOCAB, 8, 32, 8)
     summary = pretrain(
-        cfg, model=model, visual_tokenizer=ColourTokenizer(8), text_encode=char_encode, sources=sources,
-        heldout_sources=make_sources(16, 32, seed=2), vocab_size=CHAR_VOCAB, mask_id=CHAR_MASK,
+        cfg,
+        model=model,
+        visual_tokenizer=ColourTokenizer(8),
+        text_encode=char_encode,
+        sources=sources,
+        heldout_sources=make_sources(16, 32, seed=2),
+        vocab_size=CHAR_VOCAB,
+        mask_id=CHAR_MASK,
     )
     weights = CheckpointManager.load(CheckpointManager(out / "checkpoints").latest())["model"]
     return summary, weights
@@ -98,8 +114,9 @@ def test_torch_compile_matches_eager(plain, tmp_path):
     """Per-block torch.compile through AOTAutograd (the ``aot_eager`` backend: the same graph capture and
     compiled backward as inductor, without generating C++ kernels, which takes a minute on 2 cores)."""
     model = StandInPretraining(CHAR_VOCAB, 8, 32, 8)
-    summary, weights = _run(tmp_path / "compiled", 4, model=model, parallel__compile="true",
-                            parallel__compile_backend="aot_eager")
+    summary, weights = _run(
+        tmp_path / "compiled", 4, model=model, parallel__compile="true", parallel__compile_backend="aot_eager"
+    )
     assert all(getattr(block, "_compiled_call_impl", None) is not None for block in model.beit3.layers)
     assert not any("_orig_mod" in k for k in weights)  # checkpoints keep the plain names
     assert _max_diff(plain[1], weights) < 1e-4
@@ -108,12 +125,21 @@ def test_torch_compile_matches_eager(plain, tmp_path):
 
 
 def test_pair_image_masking_adds_a_pair_mim_term(tmp_path):
-    maker = SampleMaker(char_encode, lambda im: (torch.zeros(3, 32, 32), torch.zeros(3, 32, 32)), 4, 24, CHAR_MASK,
-                        pair_image_mask_ratio=0.25, min_block_patches=2)
+    maker = SampleMaker(
+        char_encode,
+        lambda im: (torch.zeros(3, 32, 32), torch.zeros(3, 32, 32)),
+        4,
+        24,
+        CHAR_MASK,
+        pair_image_mask_ratio=0.25,
+        min_block_patches=2,
+    )
     batch = StepBatches(make_sources(16, 32), maker, {"pair": 8, "image": 8}, seed=0)[0]
     assert batch["pair"]["image_mask"].sum(1).tolist() == [4] * 8  # exactly 25% of the 16 patches
     assert batch["image"]["image_mask"].sum(1).tolist() == [round(0.4 * 16)] * 8
-    summary, _ = _run(tmp_path / "pairmim", 3, objective__pair_image_mask_ratio="0.25", data__heldout_batches="1")
+    summary, _ = _run(
+        tmp_path / "pairmim", 3, objective__pair_image_mask_ratio="0.25", data__heldout_batches="1"
+    )
     assert all("loss/pair.mim" in row and row["loss/pair.mim"] > 0 for row in summary.history)
     assert set(summary.heldout) == {"image.mim", "text.mlm", "pair.mlm", "pair.mim"}
     off, _ = _run(tmp_path / "nomim", 1)

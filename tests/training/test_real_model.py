@@ -19,8 +19,12 @@ def world(tmp_path_factory) -> Path:
     from imglish.data.synthetic import WorldConfig, generate_world
 
     out = tmp_path_factory.mktemp("world") / "w"
-    generate_world(WorldConfig(num_images=80, image_size=32, seed=3, formats=("coco", "imagenet", "text", "wds"),
-                               workers=1), out)
+    generate_world(
+        WorldConfig(
+            num_images=80, image_size=32, seed=3, formats=("coco", "imagenet", "text", "wds"), workers=1
+        ),
+        out,
+    )
     return out
 
 
@@ -37,8 +41,16 @@ def _window_mean(rows: list[dict], key: str, first: bool, n: int = 5) -> float:
 def test_real_tiny_model_loss_falls_through_cli_config(world, tmp_path, capsys):
     config = {
         "model": {"img_size": 32, "patch_size": 8},
-        "data": {"image_batch": 8, "text_batch": 16, "pair_batch": 8, "max_text_len": 24, "text_vocab_size": 120,
-                 "visual_tokenizer_codes": 16, "visual_tokenizer_steps": 8, "heldout_batches": 1},
+        "data": {
+            "image_batch": 8,
+            "text_batch": 16,
+            "pair_batch": 8,
+            "max_text_len": 24,
+            "text_vocab_size": 120,
+            "visual_tokenizer_codes": 16,
+            "visual_tokenizer_steps": 8,
+            "heldout_batches": 1,
+        },
         "optim": {"lr": 2e-3},
         "schedule": {"warmup_steps": 3, "max_steps": 999},  # the flag below wins over the file
         "checkpoint.save_every": 0,
@@ -49,17 +61,37 @@ def test_real_tiny_model_loss_falls_through_cli_config(world, tmp_path, capsys):
     cfg_file.write_text(json.dumps(config))
     out = tmp_path / "run"
     before = _listing(world)
-    rc = cli_main(["pretrain", "--preset", "tiny", "--config", str(cfg_file), "--data", str(world), "--out", str(out),
-                   "--max-steps", "30"])
+    rc = cli_main(
+        [
+            "pretrain",
+            "--preset",
+            "tiny",
+            "--config",
+            str(cfg_file),
+            "--data",
+            str(world),
+            "--out",
+            str(out),
+            "--max-steps",
+            "30",
+        ]
+    )
     assert rc == 0
     assert _listing(world) == before, "pretraining wrote into the data folder"
     resolved = json.loads((out / "config.json").read_text())
     assert resolved["schedule"]["max_steps"] == 30 and resolved["data"]["text_vocab_size"] == 120
-    assert (out / "tokenizers" / "text.model").exists() and (out / "tokenizers" / "captions_train.txt").exists()
+    assert (out / "tokenizers" / "text.model").exists() and (
+        out / "tokenizers" / "captions_train.txt"
+    ).exists()
     rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     assert len(rows) == 30
     # means over the first and last 5 steps; ln(vocabulary) is where an untrained model starts
-    for key, factor in (("loss/image.mim", 0.7), ("loss/text.mlm", 0.9), ("loss/pair.mlm", 0.9), ("loss", 0.8)):
+    for key, factor in (
+        ("loss/image.mim", 0.7),
+        ("loss/text.mlm", 0.9),
+        ("loss/pair.mlm", 0.9),
+        ("loss", 0.8),
+    ):
         first, last = _window_mean(rows, key, True), _window_mean(rows, key, False)
         assert last < factor * first, (key, first, last)
     summary = json.loads((out / "summary.json").read_text())
@@ -85,13 +117,17 @@ def test_precomputed_visual_targets_equal_online_ones_on_the_plain_view(world, t
     from imglish.training.streams import PrecomputedTargets, SampleMaker, StepBatches
 
     torch.manual_seed(0)
-    tokenizer = create_vqkd("vqkd_tiny_patch8_64", img_size=32, n_code=16, kmeans_init=False).eval()  # random unit codes
+    tokenizer = create_vqkd(
+        "vqkd_tiny_patch8_64", img_size=32, n_code=16, kmeans_init=False
+    ).eval()  # random unit codes
     root = world / "imagenet" / "train"
     file = precompute_visual_tokens(tokenizer, root, tmp_path / "codes.safetensors", progress=False)
     sources = load_world_sources(world, "train")
 
     def batch(augment: bool, lookup):
-        maker = SampleMaker(lambda t: [0, 2], build_image_transform(32, augment), 4, 8, 9, visual_targets=lookup)
+        maker = SampleMaker(
+            lambda t: [0, 2], build_image_transform(32, augment), 4, 8, 9, visual_targets=lookup
+        )
         return StepBatches(sources, maker, {"image": 16}, seed=5)[1]["image"]
 
     pre = batch(False, PrecomputedTargets({root: file}))
@@ -100,7 +136,9 @@ def test_precomputed_visual_targets_equal_online_ones_on_the_plain_view(world, t
     online = {"image": batch(False, None)}
     attach_visual_targets(online, tokenizer)
     assert torch.equal(pre["visual_targets"], online["image"]["visual_targets"])
-    assert torch.equal(pre["image"], online["image"]["image"]) and torch.equal(pre["image_mask"], online["image"]["image_mask"])
+    assert torch.equal(pre["image"], online["image"]["image"]) and torch.equal(
+        pre["image_mask"], online["image"]["image_mask"]
+    )
     # with random crops the codes of the crop differ from those of the whole image: why augment must be off
     cropped = {"image": batch(True, None)}
     attach_visual_targets(cropped, tokenizer)
@@ -111,12 +149,45 @@ def test_precomputed_visual_targets_equal_online_ones_on_the_plain_view(world, t
 
 def test_pretrain_with_precomputed_targets_through_cli(world, tmp_path):
     out = tmp_path / "run"
-    rc = cli_main(["pretrain", "--data", str(world), "--out", str(out), "--max-steps", "3",
-                   "--model.img_size", "32", "--data.visual_targets", "precomputed", "--data.augment", "false",
-                   "--data.visual_tokenizer_steps", "2", "--data.visual_tokenizer_codes", "16",
-                   "--data.text_vocab_size", "120", "--data.image_batch", "4", "--data.text_batch", "4",
-                   "--data.pair_batch", "4", "--data.heldout_batches", "1", "--logging.progress", "false",
-                   "--logging.tensorboard", "false", "--save-every", "0", "--parallel.threads", "1"])
+    rc = cli_main(
+        [
+            "pretrain",
+            "--data",
+            str(world),
+            "--out",
+            str(out),
+            "--max-steps",
+            "3",
+            "--model.img_size",
+            "32",
+            "--data.visual_targets",
+            "precomputed",
+            "--data.augment",
+            "false",
+            "--data.visual_tokenizer_steps",
+            "2",
+            "--data.visual_tokenizer_codes",
+            "16",
+            "--data.text_vocab_size",
+            "120",
+            "--data.image_batch",
+            "4",
+            "--data.text_batch",
+            "4",
+            "--data.pair_batch",
+            "4",
+            "--data.heldout_batches",
+            "1",
+            "--logging.progress",
+            "false",
+            "--logging.tensorboard",
+            "false",
+            "--save-every",
+            "0",
+            "--parallel.threads",
+            "1",
+        ]
+    )
     assert rc == 0
     assert (out / "tokenizers" / "visual_tokens.safetensors").exists()
     rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]

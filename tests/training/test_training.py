@@ -3,6 +3,7 @@ SIGKILL (bitwise), two-process gloo DDP/FSDP against one process, non-finite ski
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -15,20 +16,30 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from standin import CHAR_MASK, CHAR_VOCAB, ColourTokenizer, StandInPretraining, char_encode, make_sources  # noqa: E402
+from standin import CHAR_MASK, CHAR_VOCAB, ColourTokenizer, StandInPretraining, char_encode, make_sources
 
-from imglish.training.checkpoint import CheckpointManager  # noqa: E402
-from imglish.training.config import build_config, config_from_dict, config_to_dict  # noqa: E402
-from imglish.training.optim import build_optimizer, lr_factor, param_groups  # noqa: E402
-from imglish.training.pretrain import pretrain  # noqa: E402
-from imglish.training.streams import SampleMaker, StepBatches  # noqa: E402
-from imglish.training.trainer import NonFiniteLossError  # noqa: E402
+from imglish.training.checkpoint import CheckpointManager
+from imglish.training.config import build_config, config_from_dict, config_to_dict
+from imglish.training.optim import build_optimizer, lr_factor, param_groups
+from imglish.training.pretrain import pretrain
+from imglish.training.streams import SampleMaker, StepBatches
+from imglish.training.trainer import NonFiniteLossError
 
 DRIVER = Path(__file__).resolve().parent / "driver.py"
 BASE = {
-    "model.img_size": 32, "model.patch_size": 8, "data.image_batch": 8, "data.text_batch": 8,
-    "data.pair_batch": 8, "data.max_text_len": 24, "data.heldout_batches": 2, "schedule.warmup_steps": 2,
-    "optim.lr": 3e-3, "parallel.threads": 1, "logging.log_every": 1, "logging.progress": False, "logging.tensorboard": False,
+    "model.img_size": 32,
+    "model.patch_size": 8,
+    "data.image_batch": 8,
+    "data.text_batch": 8,
+    "data.pair_batch": 8,
+    "data.max_text_len": 24,
+    "data.heldout_batches": 2,
+    "schedule.warmup_steps": 2,
+    "optim.lr": 3e-3,
+    "parallel.threads": 1,
+    "logging.log_every": 1,
+    "logging.progress": False,
+    "logging.tensorboard": False,
 }
 
 
@@ -40,8 +51,14 @@ def _run(out: Path, steps: int, **extra):
     sources = make_sources(48, 32, seed=1)
     held = make_sources(16, 32, seed=2)
     return pretrain(
-        cfg, model=StandInPretraining(CHAR_VOCAB, 8, 32, 8), visual_tokenizer=ColourTokenizer(8),
-        text_encode=char_encode, sources=sources, heldout_sources=held, vocab_size=CHAR_VOCAB, mask_id=CHAR_MASK,
+        cfg,
+        model=StandInPretraining(CHAR_VOCAB, 8, 32, 8),
+        visual_tokenizer=ColourTokenizer(8),
+        text_encode=char_encode,
+        sources=sources,
+        heldout_sources=held,
+        vocab_size=CHAR_VOCAB,
+        mask_id=CHAR_MASK,
         **extra,
     )
 
@@ -114,19 +131,23 @@ def test_layer_decay_scales():
     assert scale["beit3.layers.1.mlp.0.weight"] == pytest.approx(0.5)
     assert scale["mim_head.weight"] == 1.0
     opt = build_optimizer(model, 1e-3, 0.05, layer_decay=0.5)
-    assert sorted({g["lr"] for g in opt.param_groups}) == pytest.approx([1e-3 * 0.125, 1e-3 * 0.25, 1e-3 * 0.5, 1e-3])
+    assert sorted({g["lr"] for g in opt.param_groups}) == pytest.approx(
+        [1e-3 * 0.125, 1e-3 * 0.25, 1e-3 * 0.5, 1e-3]
+    )
 
 
 def test_warmup_then_cosine():
     f = [lr_factor(s, 110, 10, 1e-3, 1e-5) for s in range(111)]
     assert f[0] == 0.0 and f[5] == pytest.approx(0.5) and f[10] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(f[10:], f[11:]))
+    assert all(a >= b for a, b in itertools.pairwise(f[10:]))
     assert f[110] == pytest.approx(1e-2) and f[60] == pytest.approx(0.01 + 0.99 * 0.5)
 
 
 # ----------------------------------------------------------------------------- data sampling
 def test_step_batches_do_not_depend_on_world_size_or_order():
-    maker = SampleMaker(char_encode, lambda im: (torch.zeros(3, 32, 32), torch.zeros(3, 32, 32)), 4, 24, CHAR_MASK)
+    maker = SampleMaker(
+        char_encode, lambda im: (torch.zeros(3, 32, 32), torch.zeros(3, 32, 32)), 4, 24, CHAR_MASK
+    )
     sources = make_sources(20, 32)
     sizes = {"text": 8, "pair": 8}
     one = StepBatches(sources, maker, sizes, seed=3)
@@ -193,11 +214,14 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
     args = ["--schedule.max_steps", "6", "--checkpoint.save_every", "2"]
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     subprocess.run([sys.executable, str(DRIVER), str(ref), *args], check=True, env=_env())
-    killed = subprocess.run([sys.executable, str(DRIVER), str(cut), *args, "--kill-at", "5"], env=_env())
+    killed = subprocess.run(
+        [sys.executable, str(DRIVER), str(cut), *args, "--kill-at", "5"], check=False, env=_env()
+    )
     assert killed.returncode == -9  # SIGKILL
     assert [s for s, _ in CheckpointManager(cut / "checkpoints").list()] == [2, 4]
-    subprocess.run([sys.executable, str(DRIVER), str(cut), *args, "--checkpoint.resume", "true"], check=True,
-                   env=_env())
+    subprocess.run(
+        [sys.executable, str(DRIVER), str(cut), *args, "--checkpoint.resume", "true"], check=True, env=_env()
+    )
     a, b = _final_model(ref), _final_model(cut)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -211,9 +235,22 @@ def test_two_process_gloo_matches_one_process(tmp_path, strategy):
     one, two = tmp_path / "one", tmp_path / "two"
     subprocess.run([sys.executable, str(DRIVER), str(one), *args], check=True, env=_env())
     subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(DRIVER),
-         str(two), *args, "--parallel.strategy", strategy],
-        check=True, env=_env(), capture_output=True,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(DRIVER),
+            str(two),
+            *args,
+            "--parallel.strategy",
+            strategy,
+        ],
+        check=True,
+        env=_env(),
+        capture_output=True,
     )
     a, b = _final_model(one), _final_model(two)
     assert a.keys() == b.keys()

@@ -23,8 +23,18 @@ def world(tmp_path_factory) -> Path:
     from imglish.data.synthetic import WorldConfig, generate_world
 
     out = tmp_path_factory.mktemp("wdsworld") / "w"
-    generate_world(WorldConfig(num_images=50, image_size=32, seed=4, shard_size=5, texts_per_image=2,
-                               formats=("coco", "imagenet", "text", "wds"), workers=1), out)
+    generate_world(
+        WorldConfig(
+            num_images=50,
+            image_size=32,
+            seed=4,
+            shard_size=5,
+            texts_per_image=2,
+            formats=("coco", "imagenet", "text", "wds"),
+            workers=1,
+        ),
+        out,
+    )
     return out
 
 
@@ -32,17 +42,28 @@ class KeyMaker:
     """A sample maker that keeps only a checksum of each record's key (to see which records were read)."""
 
     def __call__(self, stream: str, record: dict, seed: int) -> dict[str, torch.Tensor]:
-        return {"key": torch.tensor(zlib.crc32(f"{stream}:{record['key']}".encode())),
-                "seed": torch.tensor(seed % 1_000_003)}
+        return {
+            "key": torch.tensor(zlib.crc32(f"{stream}:{record['key']}".encode())),
+            "seed": torch.tensor(seed % 1_000_003),
+        }
 
 
-def _batches(world: Path, rank: int = 0, world_size: int = 1, start: int = 0, stop: int = 4, workers: int = 0,
-             monkeypatch=None) -> list[dict]:
+def _batches(
+    world: Path,
+    rank: int = 0,
+    world_size: int = 1,
+    start: int = 0,
+    stop: int = 4,
+    workers: int = 0,
+    monkeypatch=None,
+) -> list[dict]:
     if monkeypatch is not None:
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("WORLD_SIZE", str(world_size))
-    cfg = build_config("tiny", overrides={"data.path": str(world), "data.format": "wds",
-                                          "data.wds_shuffle_buffer": 4, "seed": 1})
+    cfg = build_config(
+        "tiny",
+        overrides={"data.path": str(world), "data.format": "wds", "data.wds_shuffle_buffer": 4, "seed": 1},
+    )
     sizes = {"image": 4, "text": 4, "pair": 4}
     ds = WdsStepBatches(wds_streams(cfg, sizes), KeyMaker(), sizes, seed=1, rank=rank, world_size=world_size)
     return list(make_step_loader(ds, start, stop, workers))
@@ -68,7 +89,9 @@ def test_resume_position_gives_the_same_batches(world, monkeypatch):
     assert len(whole) == 5 and len(tail) == 2
     for a, b in zip(whole[3:], tail, strict=True):
         for stream in ("image", "text", "pair"):
-            assert torch.equal(a[stream]["key"], b[stream]["key"]) and torch.equal(a[stream]["seed"], b[stream]["seed"])
+            assert torch.equal(a[stream]["key"], b[stream]["key"]) and torch.equal(
+                a[stream]["seed"], b[stream]["seed"]
+            )
     assert _keys(whole[:1], "text") != _keys(whole[1:2], "text")
 
 
@@ -81,12 +104,45 @@ def test_workers_read_their_own_shards(world, monkeypatch):
 
 def test_pretrain_streams_the_shards(world, tmp_path):
     out = tmp_path / "run"
-    rc = cli_main(["pretrain", "--data", str(world), "--out", str(out), "--max-steps", "4",
-                   "--data.format", "wds", "--model.img_size", "32", "--data.visual_tokenizer_steps", "2",
-                   "--data.visual_tokenizer_codes", "16", "--data.text_vocab_size", "100",
-                   "--data.image_batch", "4", "--data.text_batch", "4", "--data.pair_batch", "4",
-                   "--data.heldout_batches", "1", "--logging.progress", "false", "--logging.tensorboard", "false",
-                   "--save-every", "2", "--parallel.threads", "1", "--logging.log_every", "1"])
+    rc = cli_main(
+        [
+            "pretrain",
+            "--data",
+            str(world),
+            "--out",
+            str(out),
+            "--max-steps",
+            "4",
+            "--data.format",
+            "wds",
+            "--model.img_size",
+            "32",
+            "--data.visual_tokenizer_steps",
+            "2",
+            "--data.visual_tokenizer_codes",
+            "16",
+            "--data.text_vocab_size",
+            "100",
+            "--data.image_batch",
+            "4",
+            "--data.text_batch",
+            "4",
+            "--data.pair_batch",
+            "4",
+            "--data.heldout_batches",
+            "1",
+            "--logging.progress",
+            "false",
+            "--logging.tensorboard",
+            "false",
+            "--save-every",
+            "2",
+            "--parallel.threads",
+            "1",
+            "--logging.log_every",
+            "1",
+        ]
+    )
     assert rc == 0
     rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]

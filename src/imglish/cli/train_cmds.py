@@ -64,8 +64,14 @@ def _quickstart(args: argparse.Namespace) -> int:
     from imglish.training.quickstart import quickstart
 
     overrides = {} if args.threads is None else {"parallel.threads": args.threads}
-    report = quickstart(args.out, max_steps=args.max_steps, num_images=args.num_images, seed=args.seed,
-                        overrides=overrides, budget_s=None if args.no_time_limit else args.budget_minutes * 60)
+    report = quickstart(
+        args.out,
+        max_steps=args.max_steps,
+        num_images=args.num_images,
+        seed=args.seed,
+        overrides=overrides,
+        budget_s=None if args.no_time_limit else args.budget_minutes * 60,
+    )
     print(f"report: {report}")
     return 0
 
@@ -86,14 +92,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default=None, help="data folder (as written by `imglish data shapes`)")
     p.add_argument("--out", default=None, help="run folder: checkpoints, logs, tokenizers, model.safetensors")
     p.add_argument("--max-steps", dest="max_steps", type=int, default=None, help="optimizer steps")
-    p.add_argument("--save-every", dest="save_every", type=int, default=None, help="steps between checkpoints")
+    p.add_argument(
+        "--save-every", dest="save_every", type=int, default=None, help="steps between checkpoints"
+    )
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT")
     p.add_argument("--precision", choices=("fp32", "bf16"), default=None, help="fp32 or bf16 autocast")
     p.add_argument("--seed", type=int, default=None, help="seed of every random choice")
-    group = p.add_argument_group("config keys", "every field of the configuration tree, as --section.key VALUE")
+    group = p.add_argument_group(
+        "config keys", "every field of the configuration tree, as --section.key VALUE"
+    )
     for key in _config_keys():
-        group.add_argument(f"--{key}", dest="cfg__" + key.replace(".", "__"), metavar="VALUE",
-                           default=argparse.SUPPRESS)
+        group.add_argument(
+            f"--{key}", dest="cfg__" + key.replace(".", "__"), metavar="VALUE", default=argparse.SUPPRESS
+        )
     p.set_defaults(func=_pretrain)
 
     q = subparsers.add_parser(
@@ -109,10 +120,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--max-steps", dest="max_steps", type=int, default=None, help="pretraining steps")
     q.add_argument("--num-images", dest="num_images", type=int, default=None, help="images in the world")
     q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--threads", type=int, default=None,
-                   help="torch threads (default 1: robust on a shared machine; 0 lets torch choose)")
-    q.add_argument("--budget-minutes", dest="budget_minutes", type=float, default=15.0,
-                   help="wall-clock budget; pretraining stops early (and says so) to stay within it (default 15)")
-    q.add_argument("--no-time-limit", dest="no_time_limit", action="store_true",
-                   help="run every step whatever the time")
+    q.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default 1: robust on a shared machine; 0 lets torch choose)",
+    )
+    q.add_argument(
+        "--budget-minutes",
+        dest="budget_minutes",
+        type=float,
+        default=15.0,
+        help="wall-clock budget; pretraining stops early (and says so) to stay within it (default 15)",
+    )
+    q.add_argument(
+        "--no-time-limit", dest="no_time_limit", action="store_true", help="run every step whatever the time"
+    )
     q.set_defaults(func=_quickstart)

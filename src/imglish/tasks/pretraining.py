@@ -13,8 +13,9 @@ over the global batch, whatever the number of processes.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -143,7 +144,9 @@ class MaskedDataModeling(nn.Module):
                 name = f"{stream}.{kind}"
                 ce, correct = self._term(logits, targets, name)
                 n = targets.numel()
-                denom = float(denominators[name]) if denominators and name in denominators else float(max(n, 1))
+                denom = (
+                    float(denominators[name]) if denominators and name in denominators else float(max(n, 1))
+                )
                 total = total + self.weights[stream] * ce / max(denom, 1e-12)
                 out.loss_sum[name] = ce.detach().double()
                 out.count[name] = torch.tensor(n, dtype=torch.float64)

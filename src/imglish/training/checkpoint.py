@@ -25,10 +25,10 @@ import torch
 
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "CheckpointManager",
     "atomic_torch_save",
     "get_rng_state",
     "set_rng_state",
-    "CheckpointManager",
 ]
 
 CHECKPOINT_FORMAT = "imglish-train-ckpt/1"

@@ -19,29 +19,30 @@ import os
 import tempfile
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 __all__ = [
-    "ModelConfig",
+    "PRESETS",
+    "CheckpointConfig",
     "DataConfig",
+    "LoggingConfig",
+    "ModelConfig",
     "ObjectiveConfig",
     "OptimConfig",
-    "ScheduleConfig",
-    "CheckpointConfig",
     "ParallelConfig",
-    "LoggingConfig",
+    "ScheduleConfig",
     "TrainConfig",
-    "PRESETS",
-    "list_presets",
-    "get_preset",
-    "build_config",
     "apply_overrides",
-    "config_to_dict",
+    "build_config",
     "config_from_dict",
-    "save_config",
+    "config_to_dict",
+    "get_preset",
+    "list_presets",
     "load_config_file",
+    "save_config",
 ]
 
 
@@ -273,7 +274,7 @@ class TrainConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         """Check the values that cannot be checked by type alone; returns ``self``.
 
         Raises:
@@ -284,11 +285,15 @@ class TrainConfig:
             if getattr(d, name) < 0:
                 raise ValueError(f"data.{name} must be >= 0, got {getattr(d, name)}")
         if d.image_batch + d.text_batch + d.pair_batch == 0:
-            raise ValueError("data.image_batch, data.text_batch and data.pair_batch are all 0; nothing to train on")
+            raise ValueError(
+                "data.image_batch, data.text_batch and data.pair_batch are all 0; nothing to train on"
+            )
         if d.max_text_len < 3:
             raise ValueError(f"data.max_text_len must be >= 3 (BOS, one token, EOS), got {d.max_text_len}")
         if d.visual_targets not in ("online", "precomputed"):
-            raise ValueError(f"data.visual_targets must be 'online' or 'precomputed', got {d.visual_targets!r}")
+            raise ValueError(
+                f"data.visual_targets must be 'online' or 'precomputed', got {d.visual_targets!r}"
+            )
         if d.visual_targets == "precomputed" and d.augment:
             raise ValueError(
                 "data.visual_targets='precomputed' needs data.augment=false: precomputed codes belong to the "
@@ -297,8 +302,10 @@ class TrainConfig:
         if d.format not in ("files", "wds"):
             raise ValueError(f"data.format must be 'files' or 'wds', got {d.format!r}")
         if d.format == "wds" and d.visual_targets == "precomputed":
-            raise ValueError("data.visual_targets='precomputed' works with data.format='files' (codes are looked up "
-                             "by image path)")
+            raise ValueError(
+                "data.visual_targets='precomputed' works with data.format='files' (codes are looked up "
+                "by image path)"
+            )
         if not 0.0 <= d.heldout_fraction < 1.0:
             raise ValueError(f"data.heldout_fraction must be in [0, 1), got {d.heldout_fraction}")
         if self.model.img_size % self.model.patch_size:
@@ -348,10 +355,17 @@ def _base() -> TrainConfig:
     """BEiT-3 base at 224 with the paper's recalled recipe (spec §9.5): 2048 samples per stream per step."""
     return TrainConfig(
         preset="base",
-        model=ModelConfig(name="beit3_base_patch16_224_pretraining", img_size=224, patch_size=16, drop_path_rate=0.1),
+        model=ModelConfig(
+            name="beit3_base_patch16_224_pretraining", img_size=224, patch_size=16, drop_path_rate=0.1
+        ),
         data=DataConfig(
-            image_batch=2048, text_batch=2048, pair_batch=2048, max_text_len=64,
-            text_vocab_size=64002, visual_tokenizer_codes=8192, num_workers=8,
+            image_batch=2048,
+            text_batch=2048,
+            pair_batch=2048,
+            max_text_len=64,
+            text_vocab_size=64002,
+            visual_tokenizer_codes=8192,
+            num_workers=8,
         ),
         objective=ObjectiveConfig(min_block_patches=16),
         optim=OptimConfig(lr=1e-3, weight_decay=0.05, betas=(0.9, 0.98), eps=1e-6, clip_grad=3.0),
@@ -504,7 +518,7 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
     except json.JSONDecodeError as err:
         raise ValueError(f"config file {str(p)!r} is not valid JSON: {err}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"config file {str(p)!r} must hold a JSON object, got {type(data).__name__}")
+        raise ValueError(f"config file {str(p)!r} must hold a JSON object, got {type(data).__name__}")  # noqa: TRY004
     return _flatten(data)
 
 

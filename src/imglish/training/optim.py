@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["param_groups", "build_optimizer", "lr_factor", "build_scheduler"]
+__all__ = ["build_optimizer", "build_scheduler", "lr_factor", "param_groups"]
 
 
 def _num_layers(model: nn.Module) -> int | None:
@@ -52,7 +52,8 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0
         scale = layer_decay ** (num_layers + 1 - layer) if use_ld else 1.0
         key = ("no_decay" if no_decay else "decay", layer)
         g = groups.setdefault(
-            key, {"params": [], "names": [], "weight_decay": 0.0 if no_decay else weight_decay, "lr_scale": scale}
+            key,
+            {"params": [], "names": [], "weight_decay": 0.0 if no_decay else weight_decay, "lr_scale": scale},
         )
         g["params"].append(p)
         g["names"].append(name)
@@ -113,7 +114,4 @@ def build_scheduler(
     optimizer: torch.optim.Optimizer, max_steps: int, warmup_steps: int, peak_lr: float, min_lr: float
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """A ``LambdaLR`` following :func:`lr_factor`; call ``step()`` once per optimizer step."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _Factor(max_steps, warmup_steps, peak_lr, min_lr)
-    )
-
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, _Factor(max_steps, warmup_steps, peak_lr, min_lr))

@@ -19,17 +19,17 @@ from torch import nn
 
 __all__ = [
     "DistInfo",
-    "init_distributed",
-    "destroy_distributed",
-    "resolve_device",
+    "all_gather_objects",
+    "all_reduce_sum",
     "apply_ac",
     "apply_compile",
-    "apply_fsdp",
     "apply_ddp",
-    "all_reduce_sum",
-    "all_gather_objects",
-    "broadcast_object",
+    "apply_fsdp",
     "barrier",
+    "broadcast_object",
+    "destroy_distributed",
+    "init_distributed",
+    "resolve_device",
 ]
 
 
@@ -110,7 +110,10 @@ def apply_compile(model: nn.Module, **compile_kwargs: Any) -> None:
 
 
 def apply_fsdp(
-    root: nn.Module, model: nn.Module, param_dtype: torch.dtype | None = None, reduce_dtype: torch.dtype | None = None
+    root: nn.Module,
+    model: nn.Module,
+    param_dtype: torch.dtype | None = None,
+    reduce_dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """FSDP2: ``fully_shard`` each block of ``model.beit3.layers``, then ``root`` (which contains ``model``).
 

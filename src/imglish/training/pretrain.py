@@ -18,9 +18,10 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,16 +43,16 @@ from imglish.training.trainer import Trainer, TrainResult, to_device
 
 __all__ = [
     "PretrainSummary",
-    "pretrain",
+    "build_image_transform",
     "evaluate_heldout",
+    "export_model",
+    "load_world_sources",
+    "prepare_precomputed_targets",
     "prepare_text_tokenizer",
     "prepare_visual_tokenizer",
-    "prepare_precomputed_targets",
-    "load_world_sources",
+    "pretrain",
     "tokenizer_corpus",
     "wds_streams",
-    "build_image_transform",
-    "export_model",
 ]
 
 
@@ -102,10 +103,17 @@ def prepare_text_tokenizer(
     if is_main and not path.exists():
         files = corpus_files() if callable(corpus_files) else corpus_files
         if not files:
-            raise ValueError("no text tokenizer given (data.text_tokenizer) and no text files in the data folder to train one")
+            raise ValueError(
+                "no text tokenizer given (data.text_tokenizer) and no text files in the data folder to train one"
+            )
         # a soft limit: a small corpus (the synthetic world) may support fewer pieces than asked
-        train_sentencepiece(files, cfg.data.text_vocab_size - 2, path, seed=cfg.seed,
-                            extra_options={"hard_vocab_limit": False})
+        train_sentencepiece(
+            files,
+            cfg.data.text_vocab_size - 2,
+            path,
+            seed=cfg.seed,
+            extra_options={"hard_vocab_limit": False},
+        )
     parallel.barrier()
     return TextTokenizer(path)
 
@@ -128,13 +136,23 @@ def prepare_visual_tokenizer(cfg: TrainConfig, image_dir: Path | None, is_main: 
         path = folder / "vqkd.safetensors"
         if is_main and not path.exists():
             if image_dir is None or not image_dir.is_dir():
-                raise ValueError("no visual tokenizer given (data.visual_tokenizer) and no image folder to train one")
-            train_visual_tokenizer(VisualTokenizerTrainConfig(
-                images=str(image_dir), out=str(folder),
-                model_overrides={"img_size": cfg.model.img_size, "patch_size": cfg.model.patch_size,
-                                 "n_code": cfg.data.visual_tokenizer_codes},
-                steps=cfg.data.visual_tokenizer_steps, seed=cfg.seed, progress=cfg.logging.progress,
-            ))
+                raise ValueError(
+                    "no visual tokenizer given (data.visual_tokenizer) and no image folder to train one"
+                )
+            train_visual_tokenizer(
+                VisualTokenizerTrainConfig(
+                    images=str(image_dir),
+                    out=str(folder),
+                    model_overrides={
+                        "img_size": cfg.model.img_size,
+                        "patch_size": cfg.model.patch_size,
+                        "n_code": cfg.data.visual_tokenizer_codes,
+                    },
+                    steps=cfg.data.visual_tokenizer_steps,
+                    seed=cfg.seed,
+                    progress=cfg.logging.progress,
+                )
+            )
         parallel.barrier()
     model, _ = load_vqkd(path)
     grid = model.config.img_size // model.config.patch_size
@@ -162,7 +180,9 @@ def prepare_precomputed_targets(
     base = getattr(images, "base", images)  # a held-out split wraps the reader
     root = getattr(base, "root", None)
     if root is None:
-        raise ValueError("data.visual_targets='precomputed' needs an image-only folder (imglish.data.ImageOnlyDataset)")
+        raise ValueError(
+            "data.visual_targets='precomputed' needs an image-only folder (imglish.data.ImageOnlyDataset)"
+        )
     if cfg.data.visual_tokens:
         path = Path(cfg.data.visual_tokens)
         if not path.is_file():
@@ -185,7 +205,9 @@ def prepare_precomputed_targets(
 
 
 # --------------------------------------------------------------------------------------------- data
-def build_image_transform(image_size: int, augment: bool) -> Callable[[Any], tuple[torch.Tensor, torch.Tensor]]:
+def build_image_transform(
+    image_size: int, augment: bool
+) -> Callable[[Any], tuple[torch.Tensor, torch.Tensor]]:
     """``PIL image -> (normalised (3, S, S), [0, 1] (3, S, S))``: the BEiT two-view pretraining transform, or a
     plain bicubic resize when ``augment`` is off."""
     from imglish.tokenizers.transforms import build_transform
@@ -205,20 +227,20 @@ class _PlainTwoView:
     def __init__(self, size: int) -> None:
         from torchvision.transforms import InterpolationMode, v2
 
-        self.tf = v2.Compose([
-            v2.ToImage(),
-            v2.Resize((size, size), interpolation=InterpolationMode.BICUBIC, antialias=True),
-            v2.ToDtype(torch.float32, scale=True),
-        ])
+        self.tf = v2.Compose(
+            [
+                v2.ToImage(),
+                v2.Resize((size, size), interpolation=InterpolationMode.BICUBIC, antialias=True),
+                v2.ToDtype(torch.float32, scale=True),
+            ]
+        )
 
     def __call__(self, img: Any) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.tf(img).clamp(0, 1)
         return (x - 0.5) / 0.5, x
 
 
-def load_world_sources(
-    path: str | os.PathLike, split: str, skip: Any = None
-) -> StreamSources:
+def load_world_sources(path: str | os.PathLike, split: str, skip: Any = None) -> StreamSources:
     """The three streams of a folder written by ``imglish data shapes``, read with the ``imglish.data`` readers.
 
     * images: :class:`imglish.data.ImageOnlyDataset` over ``imagenet/<split>/`` (the image-only set);
@@ -266,8 +288,11 @@ def load_world_sources(
     return sources
 
 
-_WDS_DEFAULTS = {"image": ("images", "images-train-*.tar"), "text": ("texts", "text-train-*.tar"),
-                 "pair": ("pairs", "pairs-train-*.tar")}
+_WDS_DEFAULTS = {
+    "image": ("images", "images-train-*.tar"),
+    "text": ("texts", "text-train-*.tar"),
+    "pair": ("pairs", "pairs-train-*.tar"),
+}
 
 
 def wds_streams(cfg: TrainConfig, sizes: dict[str, int], skip: Any = None) -> dict[str, Any]:
@@ -294,8 +319,15 @@ def wds_streams(cfg: TrainConfig, sizes: dict[str, int], skip: Any = None) -> di
                 raise FileNotFoundError(
                     f"no {pattern} shards in {str(folder)!r} for the {stream} stream; set data.wds_{kind}"
                 )
-        streams[stream] = WdsStream(urls, kind, skip=skip, shuffle_shards=True,
-                                    shuffle_buffer=cfg.data.wds_shuffle_buffer, seed=cfg.seed, split_by_node=True)
+        streams[stream] = WdsStream(
+            urls,
+            kind,
+            skip=skip,
+            shuffle_shards=True,
+            shuffle_buffer=cfg.data.wds_shuffle_buffer,
+            seed=cfg.seed,
+            split_by_node=True,
+        )
     return streams
 
 
@@ -311,7 +343,11 @@ def tokenizer_corpus(sources: StreamSources, folder: Path) -> list[Path]:
         if hasattr(texts, "paths"):
             files.extend(Path(p) for p in texts.paths)
         else:
-            files.append(_write_lines(folder / "texts_train.txt", (t if isinstance(t, str) else t["text"] for t in texts)))
+            files.append(
+                _write_lines(
+                    folder / "texts_train.txt", (t if isinstance(t, str) else t["text"] for t in texts)
+                )
+            )
     pairs = sources.pairs
     if pairs is not None:
         if hasattr(pairs, "captions"):
@@ -369,7 +405,7 @@ def evaluate_heldout(
             s[2] += float(out.correct[name])
         if baseline_counts:
             for name, targets in _targets(batch).items():
-                if name in baseline_counts and baseline_counts[name]:
+                if baseline_counts.get(name):
                     top = baseline_counts[name].most_common(1)[0][0]
                     baseline_hits[name] += int((targets == top).sum())
     model.train(was_training)
@@ -395,7 +431,9 @@ def _targets(batch: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tenso
 
 
 @torch.no_grad()
-def training_target_counts(dataset: StepBatches, num_batches: int, visual_tokenizer: Any, device: torch.device) -> dict[str, Counter]:
+def training_target_counts(
+    dataset: StepBatches, num_batches: int, visual_tokenizer: Any, device: torch.device
+) -> dict[str, Counter]:
     """Counts of the prediction targets over the first ``num_batches`` training micro-batches."""
     counts: dict[str, Counter] = {}
     for k in range(num_batches):
@@ -414,10 +452,13 @@ def _build_model(cfg: TrainConfig, vocab_size: int, num_visual_tokens: int) -> n
     import imglish
 
     torch.manual_seed(cfg.seed)
-    kwargs = dict(
-        img_size=cfg.model.img_size, patch_size=cfg.model.patch_size, vocab_size=vocab_size,
-        num_visual_tokens=num_visual_tokens, drop_path_rate=cfg.model.drop_path_rate,
-    )
+    kwargs = {
+        "img_size": cfg.model.img_size,
+        "patch_size": cfg.model.patch_size,
+        "vocab_size": vocab_size,
+        "num_visual_tokens": num_visual_tokens,
+        "drop_path_rate": cfg.model.drop_path_rate,
+    }
     if cfg.model.init_from:
         return imglish.create_model(cfg.model.name, pretrained=cfg.model.init_from, **kwargs)
     return imglish.create_model(cfg.model.name, **kwargs)
@@ -512,14 +553,18 @@ def pretrain(
             sources = StreamSources()  # shards only: no tokenizer training from files, no held-out evaluation
         if heldout_sources is None:
             try:
-                heldout_sources = load_world_sources(cfg.data.path, "val", BadRecordCounter(strict=cfg.data.strict))
+                heldout_sources = load_world_sources(
+                    cfg.data.path, "val", BadRecordCounter(strict=cfg.data.strict)
+                )
             except FileNotFoundError:
                 heldout_sources = None
     if heldout_sources is None:
         sources, heldout_sources = split_heldout(sources, cfg.data.heldout_fraction, cfg.seed)
     if text_encode is None:
         train_sources = sources
-        tok = prepare_text_tokenizer(cfg, lambda: tokenizer_corpus(train_sources, out / "tokenizers"), info.is_main)
+        tok = prepare_text_tokenizer(
+            cfg, lambda: tokenizer_corpus(train_sources, out / "tokenizers"), info.is_main
+        )
         text_encode, vocab_size, mask_id = tok.encode, tok.vocab_size, tok.mask_token_id
         pad_id, eos_id, bos_id = tok.pad_token_id, tok.eos_token_id, tok.bos_token_id
     else:
@@ -540,24 +585,46 @@ def pretrain(
 
     def maker(augment: bool, lookup: PrecomputedTargets | None = None) -> SampleMaker:
         return SampleMaker(
-            text_encode, build_image_transform(cfg.model.img_size, augment), side, cfg.data.max_text_len, mask_id,
-            pad_id=pad_id, eos_id=eos_id, bos_id=bos_id, image_mask_ratio=o.image_mask_ratio,
-            text_mask_prob=o.text_mask_prob, pair_text_mask_prob=o.pair_text_mask_prob,
-            pair_image_mask_ratio=o.pair_image_mask_ratio, replace_80_10_10=o.replace_80_10_10,
-            min_block_patches=o.min_block_patches, visual_targets=lookup,
+            text_encode,
+            build_image_transform(cfg.model.img_size, augment),
+            side,
+            cfg.data.max_text_len,
+            mask_id,
+            pad_id=pad_id,
+            eos_id=eos_id,
+            bos_id=bos_id,
+            image_mask_ratio=o.image_mask_ratio,
+            text_mask_prob=o.text_mask_prob,
+            pair_text_mask_prob=o.pair_text_mask_prob,
+            pair_image_mask_ratio=o.pair_image_mask_ratio,
+            replace_80_10_10=o.replace_80_10_10,
+            min_block_patches=o.min_block_patches,
+            visual_targets=lookup,
         )
 
     sizes = {"image": cfg.data.image_batch, "text": cfg.data.text_batch, "pair": cfg.data.pair_batch}
     dataset: StepBatches | WdsStepBatches
     if cfg.data.format == "wds":
         dataset = WdsStepBatches(
-            wds_streams(cfg, sizes, skip_counter), maker(cfg.data.augment), sizes, cfg.seed, info.rank,
-            info.world_size, cfg.optim.accum_steps, skip_counter=skip_counter,
+            wds_streams(cfg, sizes, skip_counter),
+            maker(cfg.data.augment),
+            sizes,
+            cfg.seed,
+            info.rank,
+            info.world_size,
+            cfg.optim.accum_steps,
+            skip_counter=skip_counter,
         )
     else:
         dataset = StepBatches(
-            sources, maker(cfg.data.augment, targets), sizes, cfg.seed, info.rank, info.world_size,
-            cfg.optim.accum_steps, skip_counter=skip_counter,
+            sources,
+            maker(cfg.data.augment, targets),
+            sizes,
+            cfg.seed,
+            info.rank,
+            info.world_size,
+            cfg.optim.accum_steps,
+            skip_counter=skip_counter,
         )
     trainer = Trainer(cfg, model, dataset, visual_tokenizer, info, device, loss_hook=loss_hook)
     if cfg.checkpoint.resume:
@@ -567,22 +634,37 @@ def pretrain(
     result: TrainResult = trainer.train(on_step=on_step)
 
     summary = PretrainSummary(
-        out=str(out), model_path=str(out / "model.safetensors"), steps=result.step,
-        skipped_steps=result.skipped_steps, samples_per_s=result.samples_per_s, history=result.history,
-        stopped_early=result.stopped_early, elapsed_s=result.elapsed_s,
+        out=str(out),
+        model_path=str(out / "model.safetensors"),
+        steps=result.step,
+        skipped_steps=result.skipped_steps,
+        samples_per_s=result.samples_per_s,
+        history=result.history,
+        stopped_early=result.stopped_early,
+        elapsed_s=result.elapsed_s,
     )
     full_state = trainer._model_state() if trainer.strategy == "fsdp" else None  # collective under FSDP
     bad = _gather_bad_records(skip_counter)  # collective
     if info.is_main:
         export_model(model, out, cfg.checkpoint.export_official, state_dict=full_state)
-        eval_sizes = {s: max(n // max(info.world_size * cfg.optim.accum_steps, 1), 1) for s, n in sizes.items() if n}
+        eval_sizes = {
+            s: max(n // max(info.world_size * cfg.optim.accum_steps, 1), 1) for s, n in sizes.items() if n
+        }
         usable = {s: n for s, n in eval_sizes.items() if heldout_sources.get(s) is not None}
         if usable and cfg.data.heldout_batches > 0 and trainer.strategy != "fsdp":  # FSDP: sharded model
             # held-out images are not in the precomputed table: the tokenizer codes them (the same plain view)
-            held = StepBatches(heldout_sources, maker(False), usable, cfg.seed + 1, skip_counter=BadRecordCounter())
-            train_plain = StepBatches(sources, maker(False), usable, cfg.seed + 2, skip_counter=BadRecordCounter())
-            counts = training_target_counts(train_plain, max(cfg.data.heldout_batches, 4), visual_tokenizer, device)
-            summary.heldout = evaluate_heldout(model, held, cfg.data.heldout_batches, visual_tokenizer, device, counts)
+            held = StepBatches(
+                heldout_sources, maker(False), usable, cfg.seed + 1, skip_counter=BadRecordCounter()
+            )
+            train_plain = StepBatches(
+                sources, maker(False), usable, cfg.seed + 2, skip_counter=BadRecordCounter()
+            )
+            counts = training_target_counts(
+                train_plain, max(cfg.data.heldout_batches, 4), visual_tokenizer, device
+            )
+            summary.heldout = evaluate_heldout(
+                model, held, cfg.data.heldout_batches, visual_tokenizer, device, counts
+            )
         summary.bad_records = bad.counts
         if bad.total or cfg.logging.progress:
             print(f"bad records (training streams): {bad.summary()}")
@@ -600,7 +682,9 @@ def _num_codes(visual_tokenizer: Any) -> int:
     cfg = getattr(visual_tokenizer, "config", None)
     if cfg is not None and hasattr(cfg, "n_code"):
         return int(cfg.n_code)
-    raise ValueError("cannot tell the codebook size of the visual tokenizer (expected n_code or config.n_code)")
+    raise ValueError(
+        "cannot tell the codebook size of the visual tokenizer (expected n_code or config.n_code)"
+    )
 
 
 def _gather_bad_records(counter: Any) -> Any:

@@ -30,10 +30,18 @@ _RESERVE_S = 75
 # thread (with two threads, OpenMP's busy-waiting makes every step several times slower as soon as anything else
 # runs on the machine; set --threads 0 to let torch choose).
 QUICKSTART_OVERRIDES: dict[str, object] = {
-    "data.image_batch": 16, "data.text_batch": 16, "data.pair_batch": 16,
-    "data.visual_tokenizer_steps": 200, "data.visual_tokenizer_codes": 64, "data.text_vocab_size": 256,
-    "optim.lr": 1.5e-3, "schedule.warmup_steps": 30, "checkpoint.save_every": 100, "checkpoint.resume": True,
-    "data.heldout_batches": 16, "parallel.threads": 1,
+    "data.image_batch": 16,
+    "data.text_batch": 16,
+    "data.pair_batch": 16,
+    "data.visual_tokenizer_steps": 200,
+    "data.visual_tokenizer_codes": 64,
+    "data.text_vocab_size": 256,
+    "optim.lr": 1.5e-3,
+    "schedule.warmup_steps": 30,
+    "checkpoint.save_every": 100,
+    "checkpoint.resume": True,
+    "data.heldout_batches": 16,
+    "parallel.threads": 1,
 }
 
 
@@ -65,15 +73,31 @@ def quickstart(
     data = out / "data"
     if not (data / "world.json").exists():
         print(f"[1/4] generating the synthetic world in {data}")
-        generate_world(WorldConfig(num_images=num_images or QUICKSTART_IMAGES, image_size=64, seed=seed,
-                                   formats=("coco", "imagenet", "text", "wds")), data, progress=True)
+        generate_world(
+            WorldConfig(
+                num_images=num_images or QUICKSTART_IMAGES,
+                image_size=64,
+                seed=seed,
+                formats=("coco", "imagenet", "text", "wds"),
+            ),
+            data,
+            progress=True,
+        )
     t_world = time.perf_counter() - t0
     ov: dict[str, object] = dict(QUICKSTART_OVERRIDES)
-    ov.update({"out": str(out), "data.path": str(data), "seed": seed,
-               "schedule.max_steps": max_steps or QUICKSTART_STEPS})
+    ov.update(
+        {
+            "out": str(out),
+            "data.path": str(data),
+            "seed": seed,
+            "schedule.max_steps": max_steps or QUICKSTART_STEPS,
+        }
+    )
     ov.update(overrides or {})
     cfg = build_config("tiny", overrides=ov)
-    print("[2/4] text tokenizer, [3/4] visual tokenizer (reused from OUT/tokenizers when present), [4/4] pretraining")
+    print(
+        "[2/4] text tokenizer, [3/4] visual tokenizer (reused from OUT/tokenizers when present), [4/4] pretraining"
+    )
     timings = {"world": t_world}
     summary = pretrain(cfg, before_training=_time_limit_setter(cfg, t0, budget_s, timings))
     timings["pretraining"] = summary.elapsed_s
@@ -117,9 +141,7 @@ def _plot(history: list[dict[str, float]], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def write_report(
-    out: Path, summary, cfg, elapsed_s: float, timings: dict[str, float] | None = None
-) -> Path:
+def write_report(out: Path, summary, cfg, elapsed_s: float, timings: dict[str, float] | None = None) -> Path:
     """Write ``OUT/report.md`` and ``OUT/loss_curves.png`` from a :class:`PretrainSummary` (every figure measured).
 
     Args:
@@ -131,28 +153,38 @@ def write_report(
     """
     timings = timings or {}
     _plot(summary.history, out / "loss_curves.png")
-    names = {"image.mim": "images (MIM, visual codes)", "text.mlm": "texts (MLM)", "pair.mlm": "image-text pairs (MLM)",
-             "pair.mim": "image-text pairs (MIM)"}
+    names = {
+        "image.mim": "images (MIM, visual codes)",
+        "text.mlm": "texts (MLM)",
+        "pair.mlm": "image-text pairs (MLM)",
+        "pair.mim": "image-text pairs (MIM)",
+    }
     lines = [
         "# imglish quickstart report",
         "",
-        f"Tiny BEiT-3 (`{cfg.model.name}`, {cfg.model.img_size}x{cfg.model.img_size} images, patch "
-        f"{cfg.model.patch_size}) pretrained with masked data modeling for {summary.steps} steps on the synthetic "
-        f"world in `{cfg.data.path}`; batches per step: {cfg.data.image_batch} images, {cfg.data.text_batch} texts, "
-        f"{cfg.data.pair_batch} pairs; peak lr {cfg.optim.lr:g}; {cfg.parallel.precision}.",
+        (
+            f"Tiny BEiT-3 (`{cfg.model.name}`, {cfg.model.img_size}x{cfg.model.img_size} images, patch "
+            f"{cfg.model.patch_size}) pretrained with masked data modeling for {summary.steps} steps on the synthetic "
+            f"world in `{cfg.data.path}`; batches per step: {cfg.data.image_batch} images, {cfg.data.text_batch} "
+            f"texts, {cfg.data.pair_batch} pairs; peak lr {cfg.optim.lr:g}; {cfg.parallel.precision}."
+        ),
         "",
     ]
     if summary.stopped_early:
         lines += [
-            f"**Stopped early** at step {summary.steps} of {cfg.schedule.max_steps}: the machine was too slow to "
-            f"finish every step within the quickstart's time budget (`schedule.time_limit_s` = "
-            f"{cfg.schedule.time_limit_s:.0f} s of pretraining). `imglish pretrain --config {out / 'config.json'} "
-            "--resume` continues the run.",
+            (
+                f"**Stopped early** at step {summary.steps} of {cfg.schedule.max_steps}: the machine was too slow to "
+                f"finish every step within the quickstart's time budget (`schedule.time_limit_s` = "
+                f"{cfg.schedule.time_limit_s:.0f} s of pretraining). `imglish pretrain --config {out / 'config.json'} "
+                "--resume` continues the run."
+            ),
             "",
         ]
     lines += [
-        "Held-out masked-token accuracy (validation split of the world, never trained on), next to a trivial "
-        "baseline that always predicts the most frequent training target of that stream:",
+        (
+            "Held-out masked-token accuracy (validation split of the world, never trained on), next to a trivial "
+            "baseline that always predicts the most frequent training target of that stream:"
+        ),
         "",
         "| stream | masked tokens | accuracy | baseline | loss |",
         "|---|---|---|---|---|",
@@ -167,17 +199,23 @@ def write_report(
     stages = ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
     lines += [
         "",
-        f"Training loss (sum over streams): {first.get('loss', float('nan')):.3f} at step {int(first.get('step', 0))}, "
-        f"{last.get('loss', float('nan')):.3f} at step {int(last.get('step', 0))}. Curves: `loss_curves.png`.",
+        (
+            f"Training loss (sum over streams): {first.get('loss', float('nan')):.3f} at step {int(first.get('step', 0))}, "
+            f"{last.get('loss', float('nan')):.3f} at step {int(last.get('step', 0))}. Curves: `loss_curves.png`."
+        ),
         "",
         f"Skipped steps (non-finite): {summary.skipped_steps}. Bad records skipped: {sum(summary.bad_records.values())}.",
-        f"Throughput: {summary.samples_per_s:.1f} samples/s (all streams). Total wall time: {elapsed_s / 60:.1f} min "
-        f"({stages}), on {platform.machine()} with {torch.get_num_threads()} torch thread(s).",
+        (
+            f"Throughput: {summary.samples_per_s:.1f} samples/s (all streams). Total wall time: {elapsed_s / 60:.1f} min "
+            f"({stages}), on {platform.machine()} with {torch.get_num_threads()} torch thread(s)."
+        ),
         "",
         f"Model: `{summary.model_path}`. Configuration: `{out / 'config.json'}`.",
         "",
-        "Reproduce: `imglish quickstart --out DIR` (the timings depend on the machine and its load; the accuracies "
-        "do not, unless the run stops early).",
+        (
+            "Reproduce: `imglish quickstart --out DIR` (the timings depend on the machine and its load; the accuracies "
+            "do not, unless the run stops early)."
+        ),
         "",
     ]
     path = out / "report.md"

@@ -16,25 +16,26 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 __all__ = [
-    "StreamSources",
-    "SampleMaker",
+    "SKIPPED_KEY",
     "PrecomputedTargets",
+    "SampleMaker",
     "StepBatches",
+    "StreamSources",
     "WdsStepBatches",
-    "sample_seed",
-    "split_heldout",
     "make_step_loader",
     "pop_skipped",
-    "SKIPPED_KEY",
+    "sample_seed",
+    "split_heldout",
 ]
 
 _STREAM_IDS = {"image": 1, "text": 2, "pair": 3}
@@ -90,7 +91,9 @@ def split_heldout(sources: StreamSources, fraction: float, seed: int) -> tuple[S
             continue
         n = len(src)
         k = int(n * fraction) if n >= 2 else 0
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(sample_seed(seed, stream, -1))).tolist()
+        perm = torch.randperm(
+            n, generator=torch.Generator().manual_seed(sample_seed(seed, stream, -1))
+        ).tolist()
         setattr(train, attr, _Subset(src, sorted(perm[k:])))
         setattr(held, attr, _Subset(src, sorted(perm[:k])) if k else None)
     return train, held
@@ -149,12 +152,14 @@ class SampleMaker:
         self.text_mask_prob, self.pair_text_mask_prob = text_mask_prob, pair_text_mask_prob
         self.replace_80_10_10 = replace_80_10_10
         side = num_patches_side
-        min_block = max(1, min(min_block_patches, int(round(image_mask_ratio * side * side))))
+        min_block = max(1, min(min_block_patches, round(image_mask_ratio * side * side)))
 
         def gen(ratio: float) -> BlockMaskGenerator | None:
             if ratio <= 0:
                 return None
-            return BlockMaskGenerator.from_ratio(side, ratio, min_num_patches=max(1, min(min_block, int(round(ratio * side * side)))))
+            return BlockMaskGenerator.from_ratio(
+                side, ratio, min_num_patches=max(1, min(min_block, round(ratio * side * side)))
+            )
 
         self.image_masker = gen(image_mask_ratio)
         self.pair_image_masker = gen(pair_image_mask_ratio)
@@ -174,12 +179,19 @@ class SampleMaker:
         pad[0, :n] = 0
         g = torch.Generator().manual_seed(seed)
         masked, tmask = mask_text(
-            row, pad, prob, mask_id=self.mask_id, protected_ids=(self.bos_id, self.eos_id),
-            replace_80_10_10=self.replace_80_10_10, generator=g,
+            row,
+            pad,
+            prob,
+            mask_id=self.mask_id,
+            protected_ids=(self.bos_id, self.eos_id),
+            replace_80_10_10=self.replace_80_10_10,
+            generator=g,
         )
         return {"text_ids": masked[0], "padding_mask": pad[0], "text_mask": tmask[0], "text_targets": row[0]}
 
-    def _image(self, image: Any, seed: int, masker: Any, record: Any = None, lookup: bool = False) -> dict[str, torch.Tensor]:
+    def _image(
+        self, image: Any, seed: int, masker: Any, record: Any = None, lookup: bool = False
+    ) -> dict[str, torch.Tensor]:
         if self.image_transform is None:
             raise ValueError("no image transform configured")
         py_state = random.getstate()
@@ -201,7 +213,11 @@ class SampleMaker:
     def __call__(self, stream: str, record: Any, seed: int) -> dict[str, torch.Tensor]:
         """Tensors of one sample of ``stream`` (see :class:`MaskedDataModeling` for the keys)."""
         if stream == "image":
-            img = record if not isinstance(record, dict) and not hasattr(record, "image") else _field(record, "image")
+            img = (
+                record
+                if not isinstance(record, dict) and not hasattr(record, "image")
+                else _field(record, "image")
+            )
             return self._image(img, seed, self.image_masker, record, lookup=True)
         if stream == "text":
             text = record if isinstance(record, str) else _field(record, "text")
@@ -264,7 +280,9 @@ class PrecomputedTargets:
         if codes is None:
             raise ValueError(f"no precomputed visual tokens for {path} in {sorted(self.files.values())}")
         if bool((codes < 0).any()):
-            raise ValueError(f"the precomputed visual tokens of {path} are missing (unreadable when precomputed)")
+            raise ValueError(
+                f"the precomputed visual tokens of {path} are missing (unreadable when precomputed)"
+            )
         return codes
 
 
@@ -355,10 +373,12 @@ class StepBatches(Dataset):
                     self._skip(record)
                     continue
                 return self.maker(stream, record, sample_seed(self.seed, stream, slot))
-            except Exception as err:  # noqa: BLE001 - every bad record is counted, none is dropped silently
+            except Exception as err:  # a bad record is counted and replaced, never dropped silently
                 if self.skip_counter is None or getattr(self.skip_counter, "strict", False):
                     raise
-                self._skip(self.skip_counter.report(f"pretraining/{stream}", index, "unusable sample", repr(err)))
+                self._skip(
+                    self.skip_counter.report(f"pretraining/{stream}", index, "unusable sample", repr(err))
+                )
         raise RuntimeError(f"{stream} stream: {self.max_retries} bad records in a row around slot {slot}")
 
     def _skip(self, record: Any) -> None:
@@ -483,13 +503,17 @@ class WdsStepBatches(torch.utils.data.IterableDataset):
                     try:  # (made during the replay too: whether a record is usable decides the batches)
                         seed = sample_seed(self.seed, f"{stream}/{self.rank}/{worker}", j)
                         samples.append(self.maker(stream, rec, seed))
-                    except Exception as err:  # noqa: BLE001 - counted, never dropped silently
+                    except Exception as err:  # a bad record is counted and replaced, never dropped silently
                         if self.skip_counter is None or getattr(self.skip_counter, "strict", False):
                             raise
                         if not replay:
                             key = rec.get("key", j) if isinstance(rec, dict) else j
-                            self._count(self.skip_counter.report(f"pretraining/{stream}", key, "unusable sample",
-                                                                 repr(err)), pending)
+                            self._count(
+                                self.skip_counter.report(
+                                    f"pretraining/{stream}", key, "unusable sample", repr(err)
+                                ),
+                                pending,
+                            )
                 if not replay:
                     batch[stream] = {key: torch.stack([x[key] for x in samples]) for key in samples[0]}
             if not replay:
@@ -526,8 +550,13 @@ def make_step_loader(
     A = dataset.accum_steps
     if isinstance(dataset, torch.utils.data.IterableDataset):
         dataset.set_range(start_step * A, max_steps * A)
-        return DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False,
-                          prefetch_factor=2 if num_workers > 0 else None)
+        return DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=num_workers,
+            persistent_workers=False,
+            prefetch_factor=2 if num_workers > 0 else None,
+        )
     return DataLoader(
         dataset,
         sampler=_Range(start_step * A, max_steps * A),

@@ -24,9 +24,10 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -68,7 +69,9 @@ class TrainResult:
     stopped_early: bool = False
 
 
-def to_device(batch: dict[str, dict[str, torch.Tensor]], device: torch.device) -> dict[str, dict[str, torch.Tensor]]:
+def to_device(
+    batch: dict[str, dict[str, torch.Tensor]], device: torch.device
+) -> dict[str, dict[str, torch.Tensor]]:
     """Move every tensor of a three-stream batch to ``device``."""
     return {s: {k: v.to(device, non_blocking=True) for k, v in part.items()} for s, part in batch.items()}
 
@@ -128,11 +131,20 @@ class Trainer:
         elif self.strategy == "ddp":
             self.step_module = parallel.apply_ddp(self.mdm, self.device)
         self.optimizer = build_optimizer(
-            self.model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.eps,
-            cfg.optim.layer_decay, fused=cfg.optim.fused and self.strategy != "fsdp",
+            self.model,
+            cfg.optim.lr,
+            cfg.optim.weight_decay,
+            cfg.optim.betas,
+            cfg.optim.eps,
+            cfg.optim.layer_decay,
+            fused=cfg.optim.fused and self.strategy != "fsdp",
         )
         self.scheduler = build_scheduler(
-            self.optimizer, cfg.schedule.max_steps, cfg.schedule.warmup_steps, cfg.optim.lr, cfg.schedule.min_lr
+            self.optimizer,
+            cfg.schedule.max_steps,
+            cfg.schedule.warmup_steps,
+            cfg.optim.lr,
+            cfg.schedule.min_lr,
         )
         self.ckpt = CheckpointManager(self.out / "checkpoints", cfg.checkpoint.keep_last)
         self.step = 0
@@ -145,7 +157,9 @@ class Trainer:
         if self.strategy == "fsdp":
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-            return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            return get_model_state_dict(
+                self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+            )
         return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
 
     def _optim_state(self) -> dict[str, Any]:
@@ -164,7 +178,11 @@ class Trainer:
             "optimizer": self._optim_state(),
             "scheduler": self.scheduler.state_dict(),
             "rng": parallel.all_gather_objects(get_rng_state()),
-            "data": {"step": self.step, "accum_steps": self.dataset.accum_steps, "world_size": self.dist.world_size},
+            "data": {
+                "step": self.step,
+                "accum_steps": self.dataset.accum_steps,
+                "world_size": self.dist.world_size,
+            },
             "counters": {"skipped_steps": self.skipped_steps, "bad_in_a_row": self.bad_in_a_row},
             "config": config_to_dict(self.cfg),
         }
@@ -235,7 +253,9 @@ class Trainer:
             for mb in micro_batches:
                 attach_visual_targets(mb, self.visual_tokenizer)
         denominators = self._denominators(micro_batches)
-        stats = torch.zeros(3 * len(_TERM_NAMES) + 1, dtype=torch.float64)  # sums, counts, correct, non-finite
+        stats = torch.zeros(
+            3 * len(_TERM_NAMES) + 1, dtype=torch.float64
+        )  # sums, counts, correct, non-finite
         self.mdm.train()
         for i, mb in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
@@ -274,7 +294,12 @@ class Trainer:
         self.scheduler.step()
         self.step += 1
         n = len(_TERM_NAMES)
-        row: dict[str, float] = {"step": self.step, "lr": lr, "grad_norm": grad_norm, "skipped": float(not finite)}
+        row: dict[str, float] = {
+            "step": self.step,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "skipped": float(not finite),
+        }
         total = 0.0
         for j, name in enumerate(_TERM_NAMES):
             c = stats[n + j].item()
@@ -294,7 +319,7 @@ class Trainer:
             norm = norm.full_tensor()
         return float(norm)
 
-    def train(self, on_step: Callable[["Trainer", dict[str, float]], None] | None = None) -> TrainResult:
+    def train(self, on_step: Callable[[Trainer, dict[str, float]], None] | None = None) -> TrainResult:
         """Run from the current step to ``schedule.max_steps``.
 
         Args:
@@ -347,7 +372,9 @@ class Trainer:
                             f"The last good checkpoint is kept in {self.ckpt.directory}."
                         )
                 if self.dist.is_main:
-                    log_now = self.step % cfg.logging.log_every == 0 or self.step == max_steps or self.step == 1
+                    log_now = (
+                        self.step % cfg.logging.log_every == 0 or self.step == max_steps or self.step == 1
+                    )
                     if log_now:
                         self.history.append(row)
                         with open(hist_path, "a") as f:
@@ -357,7 +384,11 @@ class Trainer:
                                 if k != "step":
                                     writer.add_scalar(k if "/" in k else f"train/{k}", v, self.step)
                     if bar is not None:
-                        post = {n.replace(".", "_"): f"{row[f'loss/{n}']:.3f}" for n in _TERM_NAMES if f"loss/{n}" in row}
+                        post = {
+                            n.replace(".", "_"): f"{row[f'loss/{n}']:.3f}"
+                            for n in _TERM_NAMES
+                            if f"loss/{n}" in row
+                        }
                         post["samples/s"] = f"{row['samples_per_s']:.0f}"
                         if self.skipped_steps:
                             post["skipped"] = self.skipped_steps
@@ -368,17 +399,25 @@ class Trainer:
                 every = cfg.checkpoint.save_every
                 limit = cfg.schedule.time_limit_s
                 # every rank takes rank 0's decision, so that all stop at the same step
-                out_of_time = bool(parallel.broadcast_object(
-                    limit > 0 and time.perf_counter() - t0 >= limit and self.step < max_steps
-                )) if limit > 0 else False
+                out_of_time = (
+                    bool(
+                        parallel.broadcast_object(
+                            limit > 0 and time.perf_counter() - t0 >= limit and self.step < max_steps
+                        )
+                    )
+                    if limit > 0
+                    else False
+                )
                 if self.bad_in_a_row == 0 and (
                     self.step == max_steps or (every and self.step % every == 0) or out_of_time
                 ):
                     self.save_checkpoint()
                 if out_of_time:
                     stopped_early = True
-                    msg = (f"schedule.time_limit_s={limit:g} reached: stopping at step {self.step} of {max_steps} "
-                           f"(a checkpoint was written; --resume continues)")
+                    msg = (
+                        f"schedule.time_limit_s={limit:g} reached: stopping at step {self.step} of {max_steps} "
+                        f"(a checkpoint was written; --resume continues)"
+                    )
                     if bar is not None:
                         bar.write(msg)
                     elif self.dist.is_main:
