@@ -192,3 +192,37 @@ def test_pretrain_with_precomputed_targets_through_cli(world, tmp_path):
     assert (out / "tokenizers" / "visual_tokens.safetensors").exists()
     rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     assert all("loss/image.mim" in r for r in rows)
+
+
+def test_bad_image_is_skipped_in_a_worker_and_counted_once(world, tmp_path):
+    import shutil
+
+    from imglish.data import BadRecordCounter, ImageOnlyDataset
+    from imglish.training.pretrain import build_image_transform
+    from imglish.training.streams import SampleMaker, StepBatches, make_step_loader, pop_skipped
+
+    root = tmp_path / "images"
+    shutil.copytree(world / "imagenet" / "train", root)
+    files = sorted(root.rglob("*.JPEG"))
+    files[3].write_bytes(b"not a jpeg")
+    counter = BadRecordCounter()
+    images = ImageOnlyDataset(root, skip=counter)
+    maker = SampleMaker(lambda t: [0, 2], build_image_transform(32, True), 4, 8, 9)
+    n = len(images)
+    ds = StepBatches(_sources(images), maker, {"image": n}, seed=0, skip_counter=counter)
+    seen = []
+    for batch in make_step_loader(ds, 0, 1, num_workers=1):  # one step = every image once
+        seen += pop_skipped(batch)
+        assert batch["image"]["image"].shape[0] == n  # the bad image was replaced, the batch is full
+    assert counter.total == 0  # counted in the worker's copy only...
+    counter.absorb(seen)  # ...until the batch brings it back, as the trainer does
+    assert [r.reason for r in seen] == ["image unreadable"]
+    assert counter.counts == {"image unreadable": 1}
+    counter.absorb(seen)
+    assert counter.total == 1  # counted once
+
+
+def _sources(images):
+    from imglish.training.streams import StreamSources
+
+    return StreamSources(images=images)
