@@ -101,8 +101,16 @@ def test_real_tiny_model_loss_falls_through_cli_config(world, tmp_path, capsys):
 
     import imglish
 
-    model = imglish.create_model(None, pretrained=str(out / "model.safetensors"))
+    model, processor = imglish.create_model_and_processor(None, pretrained=str(out / "model.safetensors"))
     assert sum(p.numel() for p in model.parameters()) > 0
+    # the processor saved next to the model turns raw text and images into inputs the model accepts
+    assert processor.tokenizer is not None and processor.tokenizer.vocab_size == model.config.vocab_size
+    from imglish.tokenizers.image import find_images
+
+    first_image = find_images(world)[0]
+    batch = processor(images=[first_image], text=["a red circle"])
+    out_ = model.eval()(batch["image"], batch["input_ids"], batch["padding_mask"])
+    assert out_.features.last_hidden_state.shape[1] == batch["input_ids"].shape[1] + model.config.num_patches + 1
     assert os.path.getsize(out / "model.safetensors") > 0
 
 

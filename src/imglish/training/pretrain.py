@@ -567,7 +567,9 @@ def pretrain(
         )
         text_encode, vocab_size, mask_id = tok.encode, tok.vocab_size, tok.mask_token_id
         pad_id, eos_id, bos_id = tok.pad_token_id, tok.eos_token_id, tok.bos_token_id
+        text_tokenizer = tok
     else:
+        text_tokenizer = None
         if vocab_size is None or mask_id is None:
             raise ValueError("text_encode needs vocab_size and mask_id")
         pad_id, eos_id, bos_id = 1, 2, 0
@@ -647,6 +649,13 @@ def pretrain(
     bad = _gather_bad_records(skip_counter)  # collective
     if info.is_main:
         export_model(model, out, cfg.checkpoint.export_official, state_dict=full_state)
+        if text_tokenizer is not None:
+            # The processor travels with the checkpoint: the text tokenizer and this run's image preprocessing.
+            from imglish.tokenizers.processor import Processor
+            from imglish.tokenizers.transforms import TransformConfig
+
+            transform = TransformConfig.for_task("pretraining", cfg.model.img_size)
+            Processor(text_tokenizer, transform, cfg.data.max_text_len).save_next_to(out / "model.safetensors")
         eval_sizes = {
             s: max(n // max(info.world_size * cfg.optim.accum_steps, 1), 1) for s, n in sizes.items() if n
         }
