@@ -13,26 +13,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
-from standin import CHAR_MASK, CHAR_VOCAB, ColourTokenizer, StandInPretraining, char_encode, make_sources
+from standin import (
+    CHAR_MASK,
+    CHAR_VOCAB,
+    STANDIN_OVERRIDES,
+    ColourTokenizer,
+    StandInPretraining,
+    char_encode,
+    make_sources,
+)
 
 from imglish.training.config import build_config
 from imglish.training.pretrain import pretrain
 
-BASE = {
-    "model.img_size": 32,
-    "model.patch_size": 8,
-    "data.image_batch": 8,
-    "data.text_batch": 8,
-    "data.pair_batch": 8,
-    "data.max_text_len": 24,
-    "data.heldout_batches": 0,
-    "schedule.warmup_steps": 2,
-    "optim.lr": 3e-3,
-    "logging.log_every": 1,
-    "logging.progress": False,
-    "logging.tensorboard": False,
-    "parallel.threads": 1,
-}
+BASE = dict(STANDIN_OVERRIDES)
 
 
 def main(argv: list[str]) -> None:

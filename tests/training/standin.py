@@ -135,6 +135,24 @@ def char_encode(text: str) -> list[int]:
 CHAR_VOCAB = 4 + len(CHARS) + 1
 CHAR_MASK = CHAR_VOCAB - 1
 
+
+# Config overrides shared by every stand-in run (tiny images, small batches, quiet logging); tests add their own.
+STANDIN_OVERRIDES = {
+    "model.img_size": 32,
+    "model.patch_size": 8,
+    "data.image_batch": 8,
+    "data.text_batch": 8,
+    "data.pair_batch": 8,
+    "data.max_text_len": 24,
+    "data.heldout_batches": 0,
+    "schedule.warmup_steps": 2,
+    "optim.lr": 3e-3,
+    "parallel.threads": 1,
+    "logging.log_every": 1,
+    "logging.progress": False,
+    "logging.tensorboard": False,
+}
+
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
 
 

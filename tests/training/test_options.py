@@ -11,29 +11,22 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from standin import CHAR_MASK, CHAR_VOCAB, ColourTokenizer, StandInPretraining, char_encode, make_sources
+from standin import (
+    CHAR_MASK,
+    CHAR_VOCAB,
+    STANDIN_OVERRIDES,
+    ColourTokenizer,
+    StandInPretraining,
+    char_encode,
+    make_sources,
+)
 
 from imglish.training.checkpoint import CheckpointManager
 from imglish.training.config import build_config
 from imglish.training.pretrain import pretrain
 from imglish.training.streams import SampleMaker, StepBatches
 
-BASE = {
-    "model.img_size": 32,
-    "model.patch_size": 8,
-    "data.image_batch": 8,
-    "data.text_batch": 8,
-    "data.pair_batch": 8,
-    "data.max_text_len": 24,
-    "data.heldout_batches": 0,
-    "schedule.warmup_steps": 1,
-    "optim.lr": 3e-3,
-    "parallel.threads": 1,
-    "logging.log_every": 1,
-    "logging.progress": False,
-    "logging.tensorboard": False,
-    "checkpoint.save_every": 0,
-}
+BASE = dict(STANDIN_OVERRIDES, **{"schedule.warmup_steps": 1, "checkpoint.save_every": 0})
 
 
 def _run(out: Path, steps: int, model: torch.nn.Module | None = None, **overrides):

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cli_args import tiny_pretrain_args  # noqa: E402
 
 from imglish.cli.main import main as cli_main
 
@@ -158,43 +162,9 @@ def test_precomputed_visual_targets_equal_online_ones_on_the_plain_view(world, t
 def test_pretrain_with_precomputed_targets_through_cli(world, tmp_path):
     out = tmp_path / "run"
     rc = cli_main(
-        [
-            "pretrain",
-            "--data",
-            str(world),
-            "--out",
-            str(out),
-            "--max-steps",
-            "3",
-            "--model.img_size",
-            "32",
-            "--data.visual_targets",
-            "precomputed",
-            "--data.augment",
-            "false",
-            "--data.visual_tokenizer_steps",
-            "2",
-            "--data.visual_tokenizer_codes",
-            "16",
-            "--data.text_vocab_size",
-            "120",
-            "--data.image_batch",
-            "4",
-            "--data.text_batch",
-            "4",
-            "--data.pair_batch",
-            "4",
-            "--data.heldout_batches",
-            "1",
-            "--logging.progress",
-            "false",
-            "--logging.tensorboard",
-            "false",
-            "--save-every",
-            "0",
-            "--parallel.threads",
-            "1",
-        ]
+        tiny_pretrain_args(
+            world, out, 3, **{"--data.visual_targets": "precomputed", "--data.augment": "false"}
+        )
     )
     assert rc == 0
     assert (out / "tokenizers" / "visual_tokens.safetensors").exists()

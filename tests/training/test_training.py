@@ -16,7 +16,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from standin import CHAR_MASK, CHAR_VOCAB, ColourTokenizer, StandInPretraining, char_encode, make_sources
+from standin import (
+    CHAR_MASK,
+    CHAR_VOCAB,
+    STANDIN_OVERRIDES,
+    ColourTokenizer,
+    StandInPretraining,
+    char_encode,
+    make_sources,
+)
 
 from imglish.training.checkpoint import CheckpointManager
 from imglish.training.config import build_config, config_from_dict, config_to_dict
@@ -26,21 +34,7 @@ from imglish.training.streams import SampleMaker, StepBatches
 from imglish.training.trainer import NonFiniteLossError
 
 DRIVER = Path(__file__).resolve().parent / "driver.py"
-BASE = {
-    "model.img_size": 32,
-    "model.patch_size": 8,
-    "data.image_batch": 8,
-    "data.text_batch": 8,
-    "data.pair_batch": 8,
-    "data.max_text_len": 24,
-    "data.heldout_batches": 2,
-    "schedule.warmup_steps": 2,
-    "optim.lr": 3e-3,
-    "parallel.threads": 1,
-    "logging.log_every": 1,
-    "logging.progress": False,
-    "logging.tensorboard": False,
-}
+BASE = dict(STANDIN_OVERRIDES, **{"data.heldout_batches": 2})
 
 
 def _run(out: Path, steps: int, **extra):

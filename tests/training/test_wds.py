@@ -4,11 +4,15 @@ process and worker counts, and a run of the real tiny model on the world's shard
 from __future__ import annotations
 
 import json
+import sys
 import zlib
 from pathlib import Path
 
 import pytest
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cli_args import tiny_pretrain_args  # noqa: E402
 
 from imglish.cli.main import main as cli_main
 from imglish.training.config import build_config
@@ -105,43 +109,12 @@ def test_workers_read_their_own_shards(world, monkeypatch):
 def test_pretrain_streams_the_shards(world, tmp_path):
     out = tmp_path / "run"
     rc = cli_main(
-        [
-            "pretrain",
-            "--data",
-            str(world),
-            "--out",
-            str(out),
-            "--max-steps",
-            "4",
-            "--data.format",
-            "wds",
-            "--model.img_size",
-            "32",
-            "--data.visual_tokenizer_steps",
-            "2",
-            "--data.visual_tokenizer_codes",
-            "16",
-            "--data.text_vocab_size",
-            "100",
-            "--data.image_batch",
-            "4",
-            "--data.text_batch",
-            "4",
-            "--data.pair_batch",
-            "4",
-            "--data.heldout_batches",
-            "1",
-            "--logging.progress",
-            "false",
-            "--logging.tensorboard",
-            "false",
-            "--save-every",
-            "2",
-            "--parallel.threads",
-            "1",
-            "--logging.log_every",
-            "1",
-        ]
+        tiny_pretrain_args(
+            world,
+            out,
+            4,
+            **{"--data.format": "wds", "--data.text_vocab_size": "100", "--save-every": "2", "--logging.log_every": "1"},
+        )
     )
     assert rc == 0
     rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
