@@ -99,10 +99,21 @@ def is_official_state_dict(state_dict: Mapping[str, Tensor]) -> bool:
     return official
 
 
-def _split_prefix(key: str, backbone_prefixes: tuple[str, ...]) -> tuple[str, str] | None:
-    for prefix in backbone_prefixes:
-        if key.startswith(prefix):
-            return prefix, key[len(prefix):]
+def _backbone_part(key: str, bare: bool) -> tuple[str, str] | None:
+    """`(prefix, rest)` for a backbone key (prefix `beit3.`, or empty in a bare backbone state dict), else None."""
+    if bare:
+        return "", key
+    if key.startswith("beit3."):
+        return "beit3.", key[len("beit3."):]
+    return None
+
+
+def _rename(rest: str, table: list[tuple[re.Pattern[str], str]]) -> str | None:
+    """`rest` renamed by the first matching row of `table`, or None when no row matches."""
+    for regex, template in table:
+        match = regex.match(rest)
+        if match:
+            return template.format(**match.groupdict())
     return None
 
 
@@ -119,25 +130,18 @@ def from_official(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
         if key == _OFFICIAL_MLM_PROJECTION:
             out[_OUR_MLM_PROJECTION] = value
             continue
-        if bare:
-            prefix, rest = "", key
-        elif key.startswith("beit3."):
-            prefix, rest = "beit3.", key[len("beit3."):]
-        else:
+        part = _backbone_part(key, bare)
+        if part is None:
             out[key] = value  # a head
             continue
+        prefix, rest = part
         match = _QKV_OFFICIAL_RE.match(rest)
         if match:
             slot = (prefix, match["i"], match["e"], match["p"])
             qkv.setdefault(slot, {})[match["n"]] = value
             continue
-        for regex, template in _TO_OURS:
-            match = regex.match(rest)
-            if match:
-                out[prefix + template.format(**match.groupdict())] = value
-                break
-        else:
-            out[key] = value  # unknown: left for the loader to report as unexpected
+        renamed = _rename(rest, _TO_OURS)
+        out[key if renamed is None else prefix + renamed] = value  # unknown keys are left for the report
     for (prefix, i, e, p), parts in qkv.items():
         missing = [n for n in _QKV_ORDER if n not in parts]
         if missing:
@@ -169,28 +173,21 @@ def to_official(state_dict: Mapping[str, Tensor] | torch.nn.Module) -> dict[str,
         if key == _OUR_MLM_PROJECTION and not has_mlm_bias:
             out[_OFFICIAL_MLM_PROJECTION] = value  # the pretraining MLM projection (no bias)
             continue
-        if bare:
-            prefix, rest = "", key
-        elif key.startswith("beit3."):
-            prefix, rest = "beit3.", key[len("beit3."):]
-        else:
-            out[key] = value
+        part = _backbone_part(key, bare)
+        if part is None:
+            out[key] = value  # a head
             continue
+        prefix, rest = part
         match = _QKV_OURS_RE.match(rest)
         if match:
             parts = dict(zip(_QKV_ORDER, value.chunk(3, dim=0)))
             for n in _QKV_OFFICIAL_ORDER:
                 out[prefix + _QKV_OFFICIAL.format(n=n, **match.groupdict())] = parts[n].clone()
             continue
-        for regex, template in _TO_OFFICIAL:
-            match = regex.match(rest)
-            if match:
-                out[prefix + template.format(**match.groupdict())] = value
-                break
-        else:
-            if ".shared." in rest or ".C." in rest:
-                raise ValueError(f"{key!r} belongs to a paper-only option that has no official layout")
-            out[key] = value
+        renamed = _rename(rest, _TO_OFFICIAL)
+        if renamed is None and (".shared." in rest or ".C." in rest):
+            raise ValueError(f"{key!r} belongs to a paper-only option that has no official layout")
+        out[key if renamed is None else prefix + renamed] = value
     return out
 
 
