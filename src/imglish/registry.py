@@ -11,9 +11,8 @@ import difflib
 import fnmatch
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
-from torch import nn
 
 from imglish.model.config import SIZES, BEiT3Config, size_config
 from imglish.model.heads import TASK_MODELS, BEiT3Model

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from imglish.model import BEiT3, KVCache
+from imglish.model import BEiT3
 from imglish.model.heads import BEiT3ForCaptioning, captioning_attention_mask
 from tests.model.helpers import randomize, text_batch, tiny_config
 

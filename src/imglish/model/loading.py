@@ -10,6 +10,7 @@ and reported.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import tempfile
@@ -67,11 +68,16 @@ class LoadReport:
 def read_checkpoint(path: str | os.PathLike, model_key: str = "model|module") -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Read a checkpoint file safely: safetensors, or `torch.load(weights_only=True)` for `.pth`/`.pt`/`.bin`.
 
-    Returns `(state_dict, metadata)`; metadata is our safetensors header (config, task) or empty.
+    Training checkpoints of the official scripts carry an `argparse.Namespace` of arguments beside the weights; it is
+    allowed through the safe unpickler and nothing else is.
+
+    Returns:
+        `(state_dict, metadata)`: for safetensors the header metadata (JSON values decoded); for torch files the
+        top-level entries that are not the weights (e.g. `epoch`, `args`, a saved config).
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
@@ -86,10 +92,15 @@ def read_checkpoint(path: str | os.PathLike, model_key: str = "model|module") ->
                 meta[key] = value
         return state, meta
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - re-raised with the file named
         raise ValueError(f"cannot read checkpoint {path}: {err}") from err
-    return unwrap_state_dict(obj, model_key), {}
+    state = unwrap_state_dict(obj, model_key)
+    meta = {}
+    if isinstance(obj, Mapping):
+        meta = {k: v for k, v in obj.items() if k not in model_key.split("|") and not isinstance(v, Tensor)}
+    return state, meta
 
 
 def _model_grid(model: nn.Module) -> tuple[int, int] | None:

@@ -26,7 +26,6 @@ submodule, so tokenizer state dicts never contain ``teacher.*``/``scaling_layer.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 from collections.abc import Mapping
@@ -685,23 +684,13 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     Official checkpoints may wrap the weights in ``{"model": ...}`` or ``{"state_dict": ...}`` and may carry an
     ``argparse.Namespace`` of training arguments; both are handled without unpickling arbitrary objects.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"VQ-KD weights file {path} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    return _read(path)[0]
 
-        return dict(load_file(str(path)))
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(obj, Mapping):
-        for key in ("model", "state_dict"):
-            if key in obj and isinstance(obj[key], Mapping):
-                obj = obj[key]
-                break
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path} does not hold a state dict of tensors (nor one under 'model'/'state_dict')")
-    return dict(obj)
+
+def _read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    from imglish.model.loading import read_checkpoint
+
+    return read_checkpoint(path, model_key="model|state_dict")
 
 
 def filter_official_state_dict(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -758,23 +747,9 @@ def load_vqkd(
     if isinstance(source, Mapping):
         sd: Mapping[str, torch.Tensor] = source
     else:
-        path = Path(source)
-        saved_cfg = None
-        if path.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(path), "pt") as fh:
-                meta = fh.metadata() or {}
-            if "vqkd_config" in meta:
-                import json
-
-                saved_cfg = VQKDConfig.from_dict(json.loads(meta["vqkd_config"]))
-        else:
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                raw = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
-            if isinstance(raw, Mapping) and isinstance(raw.get("vqkd_config"), Mapping):
-                saved_cfg = VQKDConfig.from_dict(raw["vqkd_config"])
-        sd = read_state_dict(path)
+        sd, meta = _read(source)  # read once: weights and the config saved beside them
+        saved = meta.get("vqkd_config")
+        saved_cfg = VQKDConfig.from_dict(saved) if isinstance(saved, Mapping) else None
         if config is None:
             config = saved_cfg
     if config is None:
