@@ -378,8 +378,6 @@ class BEiT3(nn.Module):
         """(B, S) key padding over cached + new positions, or None when nothing is padded."""
         cached = cache.key_padding_mask if cache is not None else None
         if pad is None and cached is None:
-            if cache is not None and cache.key_padding_mask is None:
-                return None
             return None
         ref = xv if xv is not None else xt
         batch = ref.shape[0]
