@@ -62,8 +62,15 @@ class MultiwayAttention(nn.Module):
         self.proj = nn.ModuleDict({k: nn.Linear(dim, dim) for k in keys})
 
     def forward(
-        self, hv: Tensor | None, ht: Tensor | None, mask: Tensor | None, cache: LayerKV | None
+        self,
+        hv: Tensor | None,
+        ht: Tensor | None,
+        mask: Tensor | None,
+        cache: LayerKV | None,
+        first_only: bool = False,
     ) -> tuple[Tensor | None, Tensor | None]:
+        if first_only:
+            return self._forward_first(hv, ht, mask)
         parts = []
         if hv is not None:
             parts.append(_expert(self.qkv, VISION)(hv))
@@ -85,6 +92,41 @@ class MultiwayAttention(nn.Module):
         n_vision = hv.shape[1] if hv is not None else 0
         ov = out[:, :n_vision] if hv is not None else None
         ot = out[:, n_vision:] if ht is not None else None
+        if ov is not None:
+            ov = _expert(self.proj, VISION)(_expert(self.inner_norm, VISION)(ov))
+        if ot is not None:
+            ot = _expert(self.proj, TEXT)(_expert(self.inner_norm, TEXT)(ot))
+        return ov, ot
+
+    def _forward_first(
+        self, hv: Tensor | None, ht: Tensor | None, mask: Tensor | None
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """Attention output of the first token of each stream only; keys and values still come from every token.
+
+        The fused projection's weight rows are [q; k; v], so the queries use its first D rows on one token per
+        stream and the keys/values its last 2D rows on all tokens: no query is computed that nobody reads.
+        """
+        dim = self.num_heads * self.head_dim
+        queries, keyvals, rows = [], [], []
+        for key, h in ((VISION, hv), (TEXT, ht)):
+            if h is None:
+                continue
+            lin = _expert(self.qkv, key)
+            bias = lin.bias
+            rows.append(sum(t.shape[1] for t in keyvals))  # the stream's first position in the joined sequence
+            queries.append(F.linear(h[:, :1], lin.weight[:dim], None if bias is None else bias[:dim]))
+            keyvals.append(F.linear(h, lin.weight[dim:], None if bias is None else bias[dim:]))
+        q = queries[0] if len(queries) == 1 else torch.cat(queries, dim=1)
+        kv = keyvals[0] if len(keyvals) == 1 else torch.cat(keyvals, dim=1)
+        batch, length, _ = kv.shape
+        q = q.view(batch, len(rows), self.num_heads, self.head_dim).transpose(1, 2)
+        k, v = (t.transpose(1, 2) for t in kv.view(batch, length, 2, self.num_heads, self.head_dim).unbind(2))
+        if mask is not None and mask.shape[-2] > 1:
+            mask = mask[:, :, rows]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.head_dim**-0.5)
+        out = out.transpose(1, 2).reshape(batch, len(rows), -1)
+        ov = out[:, :1] if hv is not None else None
+        ot = out[:, -1:] if ht is not None else None
         if ov is not None:
             ov = _expert(self.proj, VISION)(_expert(self.inner_norm, VISION)(ov))
         if ot is not None:
@@ -121,12 +163,17 @@ class MultiwayBlock(nn.Module):
         mask: Tensor | None,
         cache: LayerKV | None = None,
         fusion: bool = False,
+        first_only: bool = False,
     ) -> tuple[Tensor | None, Tensor | None]:
+        """Update both streams; with `first_only`, return only each stream's first token, shape (B, 1, D)."""
         ref = xv if xv is not None else xt
         keep = drop_path_mask(ref.shape[0], self.drop_path, self.training, ref)
         hv = _expert(self.norm1, VISION)(xv) if xv is not None else None
         ht = _expert(self.norm1, TEXT)(xt) if xt is not None else None
-        av, at = self.attn(hv, ht, mask, cache)
+        av, at = self.attn(hv, ht, mask, cache, first_only)
+        if first_only:
+            xv = xv[:, :1] if xv is not None else None
+            xt = xt[:, :1] if xt is not None else None
         if xv is not None:
             xv = xv + (av if keep is None else av * keep)
         if xt is not None:
@@ -290,6 +337,7 @@ class BEiT3(nn.Module):
         text_positions: Tensor | None = None,
         cache: KVCache | None = None,
         output_hidden_states: bool = False,
+        cls_only: bool = False,
         **official: Any,
     ) -> BEiT3Output:
         """Encode an image, a text, or both.
@@ -304,6 +352,11 @@ class BEiT3(nn.Module):
             text_positions: (B|1, T) token indices of the text (default: continue after the cached text).
             cache: a `KVCache` to read and extend for incremental decoding.
             output_hidden_states: also return every layer's output.
+            cls_only: compute only the first token of each stream (the image's CLS token, the text's first token)
+                in the last layer, which is all that pooled heads (VQA, NLVR2, retrieval) read. The other tokens'
+                last-layer queries, attention outputs and FFNs are skipped (about 1/12 of a 12-layer model's
+                work, forward and backward); `last_hidden_state` is then (B, 1 or 2, D) and `num_vision_tokens`
+                is 1 when an image was given. Not with `cache`.
             **official: the official names `textual_tokens`, `visual_tokens`, `text_padding_position`,
                 `vision_masked_position`, `incremental_state` and `positions` (raw table rows).
 
@@ -315,6 +368,8 @@ class BEiT3(nn.Module):
                 official, image, text_ids, padding_mask, image_mask, cache, text_positions
             )
         self._check_inputs(image, text_ids, padding_mask, image_mask, cache)
+        if cls_only and cache is not None:
+            raise ValueError("cls_only=True computes a partial last layer and cannot fill a KV cache; pass cache=None")
 
         xv = self.embed_image(image, image_mask) if image is not None else None
         n_vision = xv.shape[1] if xv is not None else 0
@@ -336,12 +391,14 @@ class BEiT3(nn.Module):
         if output_hidden_states:
             hidden.append(self._join(xv, xt))
         use_ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled() and cache is None
+        last = len(self.layers) - 1
         for index, layer in enumerate(self.layers):
             layer_cache = cache.layers[index] if cache is not None else None
+            first_only = cls_only and index == last
             if use_ckpt:
-                xv, xt = checkpoint(layer, xv, xt, mask, None, fusion, use_reentrant=False)
+                xv, xt = checkpoint(layer, xv, xt, mask, None, fusion, first_only, use_reentrant=False)
             else:
-                xv, xt = layer(xv, xt, mask, layer_cache, fusion)
+                xv, xt = layer(xv, xt, mask, layer_cache, fusion, first_only)
             if output_hidden_states:
                 hidden.append(self._join(xv, xt))
         if self.norm is not None:
@@ -351,6 +408,9 @@ class BEiT3(nn.Module):
         if cache is not None:
             cache.num_vision_tokens += n_vision
             cache.num_text_tokens += xt.shape[1] if xt is not None else 0
+        if cls_only:
+            n_vision = 1 if xv is not None else 0
+            pad = pad[:, :1] if pad is not None else None
         full_pad = None
         if pad is not None:
             full_pad = pad if xv is None else torch.cat([pad.new_zeros(pad.shape[0], n_vision), pad], dim=1)

@@ -120,12 +120,12 @@ class BEiT3Model(nn.Module):
 
     def encode_image(self, image: Tensor, normalize: bool = False) -> Tensor:
         """One vector per image, (B, D): the vision CLS token of a vision-only pass."""
-        feats = self.beit3(image).last_hidden_state[:, 0]
+        feats = self.beit3(image, cls_only=True).last_hidden_state[:, 0]
         return F.normalize(feats, dim=-1) if normalize else feats
 
     def encode_text(self, text_ids: Tensor, padding_mask: Tensor | None = None, normalize: bool = False) -> Tensor:
         """One vector per text, (B, D): the BOS token of a text-only pass."""
-        feats = self.beit3(None, text_ids, padding_mask).last_hidden_state[:, 0]
+        feats = self.beit3(None, text_ids, padding_mask, cls_only=True).last_hidden_state[:, 0]
         return F.normalize(feats, dim=-1) if normalize else feats
 
     # ------------------------------------------------------------------ training hooks
@@ -221,7 +221,7 @@ class BEiT3ForVisualReasoning(BEiT3Model):
         images = torch.cat([image_a, image_b], dim=0)
         texts = torch.cat([text_description, text_description], dim=0)
         pad = torch.cat([padding_mask, padding_mask], dim=0) if padding_mask is not None else None
-        out = self.beit3(images, texts, pad)
+        out = self.beit3(images, texts, pad, cls_only=True)
         x = out.last_hidden_state
         pair = torch.cat([x[:, 0], x[:, out.num_vision_tokens]], dim=-1)  # (2B, 2D): vision CLS, text BOS
         return self.head(torch.cat([pair[:batch], pair[batch:]], dim=-1))
@@ -260,7 +260,7 @@ class BEiT3ForVisualQuestionAnswering(BEiT3Model):
 
     def forward(self, image: Tensor, question: Tensor, padding_mask: Tensor | None = None, **kwargs) -> Tensor:
         """Images (B, 3, H, W) and questions (B, T) -> answer logits (B, num_classes)."""
-        out = self.beit3(image, question, padding_mask)
+        out = self.beit3(image, question, padding_mask, cls_only=True)
         return self.head(self.pooler(out.last_hidden_state))
 
     @staticmethod
@@ -326,11 +326,11 @@ class BEiT3ForRetrieval(BEiT3Model):
         _init_head(self.vision_head)
 
     def encode_image(self, image: Tensor, normalize: bool = True) -> Tensor:
-        feats = self.vision_head(self.beit3(image).last_hidden_state[:, 0])
+        feats = self.vision_head(self.beit3(image, cls_only=True).last_hidden_state[:, 0])
         return F.normalize(feats, dim=-1) if normalize else feats
 
     def encode_text(self, text_ids: Tensor, padding_mask: Tensor | None = None, normalize: bool = True) -> Tensor:
-        feats = self.language_head(self.beit3(None, text_ids, padding_mask).last_hidden_state[:, 0])
+        feats = self.language_head(self.beit3(None, text_ids, padding_mask, cls_only=True).last_hidden_state[:, 0])
         return F.normalize(feats, dim=-1) if normalize else feats
 
     def forward(self, image: Tensor | None = None, text_description: Tensor | None = None,
