@@ -163,6 +163,13 @@ class OptimConfig:
         accum_steps: micro-steps per optimizer step on each rank.
         fused: use the fused AdamW kernel where this build supports it.
         max_bad_steps: consecutive non-finite losses after which the run stops.
+        in_backward: run each parameter's AdamW update inside the backward pass and free its gradient at once
+            (:class:`imglish.training.optim.OptimizerInBackward`), which lowers the peak memory by about one copy
+            of the weights. Needs ``clip_grad`` None/0 (no global gradient norm exists before the update),
+            ``accum_steps = 1`` (every backward is an update) and a single process (DDP and FSDP reduce the
+            gradients after the update would already have run). A non-finite loss is still caught before backward
+            and the step skipped, but non-finite gradients with a finite loss are not, and ``grad_norm`` is logged
+            as NaN.
     """
 
     lr: float = 1e-3
@@ -174,6 +181,7 @@ class OptimConfig:
     accum_steps: int = 1
     fused: bool = True
     max_bad_steps: int = 5
+    in_backward: bool = False
 
 
 @dataclass
@@ -325,6 +333,23 @@ class TrainConfig:
             raise ValueError(f"optim.accum_steps must be >= 1, got {o.accum_steps}")
         if o.max_bad_steps < 1:
             raise ValueError(f"optim.max_bad_steps must be >= 1, got {o.max_bad_steps}")
+        if o.in_backward:
+            if o.clip_grad:
+                raise ValueError(
+                    f"optim.in_backward=true needs optim.clip_grad none or 0, got {o.clip_grad}: each parameter is "
+                    "updated as soon as its own gradient is ready, so no global gradient norm exists to clip by"
+                )
+            if o.accum_steps != 1:
+                raise ValueError(
+                    f"optim.in_backward=true needs optim.accum_steps=1, got {o.accum_steps}: every backward pass "
+                    "updates the weights, so gradients cannot be accumulated over micro-steps"
+                )
+            if self.parallel.strategy not in ("auto", "none"):
+                raise ValueError(
+                    f"optim.in_backward=true needs a single process (parallel.strategy auto or none), got "
+                    f"parallel.strategy={self.parallel.strategy!r}: DDP and FSDP reduce the gradients across "
+                    "processes after the per-parameter update would already have run"
+                )
         if s.max_steps < 1:
             raise ValueError(f"schedule.max_steps must be >= 1, got {s.max_steps}")
         if s.time_limit_s < 0:

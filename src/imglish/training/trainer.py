@@ -15,6 +15,11 @@ One optimizer step:
    move on (the weights are untouched); after ``optim.max_bad_steps`` such steps in a row stop with
    :class:`NonFiniteLossError`, leaving the last checkpoint (which holds good weights) in place;
 5. otherwise clip, step AdamW and the schedule.
+
+With ``optim.in_backward`` (one process, no clipping, no accumulation) AdamW updates each parameter inside backward
+and frees its gradient (:class:`imglish.training.optim.OptimizerInBackward`): a non-finite loss is caught before
+backward, which is then not run (the step is skipped as above), but the gradient-norm check of step 4 does not
+exist in this mode (``grad_norm`` is logged as NaN), so non-finite gradients with a finite loss are not caught.
 """
 
 from __future__ import annotations
@@ -120,6 +125,12 @@ class Trainer:
             self.strategy = "ddp" if self.dist.distributed else "none"
         if self.strategy in ("ddp", "fsdp") and not self.dist.distributed:
             self.strategy = "none"  # one process: nothing to distribute
+        self.in_backward = cfg.optim.in_backward
+        if self.in_backward and self.dist.distributed:
+            raise ValueError(
+                f"optim.in_backward=true needs a single process, but this run has {self.dist.world_size}: DDP and "
+                "FSDP reduce the gradients across processes after the per-parameter update would already have run"
+            )
         # Fixed order: activation checkpointing, compile, then FSDP or DDP.
         if cfg.parallel.activation_checkpointing:
             parallel.apply_ac(self.model)
@@ -138,6 +149,7 @@ class Trainer:
             cfg.optim.eps,
             cfg.optim.layer_decay,
             fused=cfg.optim.fused and self.strategy != "fsdp",
+            in_backward=self.in_backward,
         )
         self.scheduler = build_scheduler(
             self.optimizer,
@@ -270,17 +282,22 @@ class Trainer:
                 loss = out.loss
                 if self.loss_hook is not None:
                     loss = self.loss_hook(self.step, loss)
-                if not torch.isfinite(loss.detach()):
+                bad = not torch.isfinite(loss.detach())
+                if bad:
                     stats[-1] += 1
-                loss.backward()
+                if not (bad and self.in_backward):  # in_backward: backward itself would update the weights
+                    loss.backward()
             for j, name in enumerate(_TERM_NAMES):
                 if name in out.count:
                     stats[j] += out.loss_sum[name].cpu()
                     stats[len(_TERM_NAMES) + j] += out.count[name]
                     stats[2 * len(_TERM_NAMES) + j] += out.correct[name].cpu()
-        grad_norm = self._grad_norm()
-        if not math.isfinite(grad_norm):
-            stats[-1] += 1
+        if self.in_backward:  # the gradients were used and freed in backward: no global norm exists
+            grad_norm = math.nan
+        else:
+            grad_norm = self._grad_norm()
+            if not math.isfinite(grad_norm):
+                stats[-1] += 1
         parallel.all_reduce_sum(stats)
         finite = stats[-1].item() == 0
         lr = self.optimizer.param_groups[0]["lr"] / self.optimizer.param_groups[0].get("lr_scale", 1.0)
