@@ -55,7 +55,9 @@ def _batches(n: int) -> list[dict[str, torch.Tensor]]:
 
 
 def _loss(model: nn.Module, b: dict[str, torch.Tensor]) -> torch.Tensor:
-    out = model(image=b["image"], text_ids=b["text_ids"], image_mask=b["image_mask"], text_mask=b["text_mask"])
+    out = model(
+        image=b["image"], text_ids=b["text_ids"], image_mask=b["image_mask"], text_mask=b["text_mask"]
+    )
     mim = nn.functional.cross_entropy(out.mim_logits, b["mim_target"][: out.mim_logits.shape[0]])
     mlm = nn.functional.cross_entropy(out.mlm_logits, b["mlm_target"][: out.mlm_logits.shape[0]])
     return mim + mlm
@@ -186,7 +188,12 @@ def test_frozen_parameters_are_skipped_and_duplicates_rejected():
 # ----------------------------------------------------------------------------- the trainer option
 BASE = dict(
     STANDIN_OVERRIDES,
-    **{"schedule.warmup_steps": 1, "checkpoint.save_every": 0, "optim.clip_grad": "0", "optim.layer_decay": 0.5},
+    **{
+        "schedule.warmup_steps": 1,
+        "checkpoint.save_every": 0,
+        "optim.clip_grad": "0",
+        "optim.layer_decay": 0.5,
+    },
 )
 
 

@@ -228,7 +228,9 @@ def _clean_groups(params: Iterable[torch.Tensor] | Iterable[dict[str, Any]]) -> 
     groups = []
     for gi, g in enumerate(raw):
         if not isinstance(g, dict) or "params" not in g:
-            raise TypeError(f"params: group {gi} must be a dict with a 'params' entry, got {type(g).__name__}")
+            raise TypeError(
+                f"params: group {gi} must be a dict with a 'params' entry, got {type(g).__name__}"
+            )
         plist = [g["params"]] if isinstance(g["params"], torch.Tensor) else list(g["params"])
         kept = []
         for p in plist:
