@@ -69,7 +69,10 @@ class Workload:
         text_len: text tokens, or 0 for image only.
         dual: retrieval dual encoder (image and text encoded separately, contrastive loss).
         normalize_output: whether the backbone has its final LayerNorm (as the official task model does).
-        num_classes: classes of the linear head on the first token (cls, vqa, text).
+        num_classes: classes of the linear head (cls, vqa, text).
+        pool: what the head reads, as the official task model does: "cls" (the first token of each pass: VQA,
+            retrieval) or "mean" (the mean of the patch tokens: ImageNet classification). With "cls", imglish runs
+            its backbone with `cls_only=True`, as its pooled task models do.
     """
 
     name: str
@@ -79,12 +82,14 @@ class Workload:
     dual: bool = False
     normalize_output: bool = True
     num_classes: int = 1000
+    pool: str = "cls"
 
 
 WORKLOADS = {
     w.name: w
     for w in (
-        Workload("image224", "image only, 224 (classification)", 224, 0, normalize_output=False, num_classes=1000),
+        Workload("image224", "image only, 224 (classification)", 224, 0, normalize_output=False, num_classes=1000,
+                 pool="mean"),
         Workload("vqa480", "image+text, 480 + 64 tokens (VQA)", 480, 64, normalize_output=False, num_classes=3129),
         Workload("text64", "text only, 64 tokens", None, 64, num_classes=2),
         Workload("retrieval384", "retrieval dual encoder, 384 + 64 tokens", 384, 64, dual=True),
@@ -107,6 +112,8 @@ class Settings:
     workloads: tuple[str, ...] = tuple(WORKLOADS)
     memory: bool = True
     fused_adamw: bool = True
+    imglish_recompute: str = "none"
+    imglish_adamw: str = "after"
     gen_img_size: int = 224
     gen_max_len: int = 16
     gen_beams: int = 3
@@ -146,6 +153,7 @@ def build_imglish(settings: Settings, workload: Workload, img_size: int, weights
     dims = model_dims(settings)
     config = BEiT3Config(**dims, img_size=img_size, normalize_output=workload.normalize_output)
     model = BEiT3Model(config)
+    model.set_grad_checkpointing(settings.imglish_recompute)
     if weights is not None:
         report = load_checkpoint(model, weights)
         if not report.clean:
@@ -164,12 +172,24 @@ class Side(nn.Module):
         self.workload = workload
 
     def encode(self, image: Tensor | None, text: Tensor | None, pad: Tensor | None) -> Tensor:
-        """(B, T, D) final hidden states, vision tokens first."""
+        """(B, D): what the head reads of one pass (the first token, or the mean of the patch tokens)."""
+        cls = self.workload.pool == "cls"
+        if self.impl == "imglish":
+            h = self.backbone(image=image, text_ids=text, padding_mask=pad, cls_only=cls).last_hidden_state
+        else:
+            h = self.backbone(textual_tokens=text, visual_tokens=image, text_padding_position=pad)["encoder_out"]
+        return h[:, 0] if cls else h[:, 1:].mean(1)
+
+    def hidden(self, batch: dict[str, Tensor]) -> Tensor:
+        """(B, T, D) every token's final hidden state of the (first) pass, vision tokens first."""
+        image, text, pad = batch.get("image"), None if self.workload.dual else batch.get("text"), batch.get("pad")
+        pad = None if text is None else pad
         if self.impl == "imglish":
             return self.backbone(image=image, text_ids=text, padding_mask=pad).last_hidden_state
         return self.backbone(textual_tokens=text, visual_tokens=image, text_padding_position=pad)["encoder_out"]
 
     def outputs(self, batch: dict[str, Tensor]) -> tuple[Tensor, ...]:
+        """The pooled features of every pass of the workload (two for the dual encoder)."""
         w = self.workload
         if w.dual:
             return self.encode(batch["image"], None, None), self.encode(None, batch["text"], batch["pad"])
@@ -178,20 +198,20 @@ class Side(nn.Module):
     def loss(self, batch: dict[str, Tensor]) -> Tensor:
         if self.workload.dual:
             hv, ht = self.outputs(batch)
-            vi = F.normalize(self.head(hv[:, 0]).float(), dim=-1)
-            vt = F.normalize(self.head(ht[:, 0]).float(), dim=-1)
+            vi = F.normalize(self.head(hv).float(), dim=-1)
+            vt = F.normalize(self.head(ht).float(), dim=-1)
             logits = 20.0 * vi @ vt.t()
             target = torch.arange(logits.shape[0], device=logits.device)
             return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
         (h,) = self.outputs(batch)
-        return F.cross_entropy(self.head(h[:, 0]).float(), batch["labels"])
+        return F.cross_entropy(self.head(h).float(), batch["labels"])
 
     def infer(self, batch: dict[str, Tensor]) -> Tensor:
         if self.workload.dual:
             hv, ht = self.outputs(batch)
-            return self.head(hv[:, 0]) @ self.head(ht[:, 0]).t()
+            return self.head(hv) @ self.head(ht).t()
         (h,) = self.outputs(batch)
-        return self.head(h[:, 0])
+        return self.head(h)
 
 
 def make_head(settings: Settings, workload: Workload) -> nn.Module:
@@ -241,8 +261,14 @@ def autocast(dtype: str):
     return torch.autocast("cpu", dtype=DTYPES[dtype])
 
 
-def make_step(side: Side, mode: str, dtype: str, batch: dict[str, Tensor], fused: bool) -> Callable[[], None]:
-    """A closure running one inference pass or one training step of `side`."""
+def make_step(
+    side: Side, mode: str, dtype: str, batch: dict[str, Tensor], fused: bool, adamw: str = "after"
+) -> Callable[[], None]:
+    """A closure running one inference pass or one training step of `side`.
+
+    `adamw="in_backward"` (imglish only) updates each parameter inside backward as soon as its gradient is complete
+    and frees the gradient (`imglish.training.optim.OptimizerInBackward`); the step is otherwise the same.
+    """
     if mode == "forward":
         side.eval()
 
@@ -253,7 +279,12 @@ def make_step(side: Side, mode: str, dtype: str, batch: dict[str, Tensor], fused
         return step
     side.train()
     params = [p for p in side.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.05, fused=fused)
+    if adamw == "in_backward":
+        from imglish.training.optim import OptimizerInBackward
+
+        opt = OptimizerInBackward(params, lr=1e-5, weight_decay=0.05, fused=fused)
+    else:
+        opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.05, fused=fused)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
@@ -263,6 +294,11 @@ def make_step(side: Side, mode: str, dtype: str, batch: dict[str, Tensor], fused
         opt.step()
 
     return step
+
+
+def adamw_for(settings: Settings, impl: str) -> str:
+    """How `impl`'s training step runs AdamW: the official side always steps after backward."""
+    return settings.imglish_adamw if impl == "imglish" else "after"
 
 
 def timed(fn: Callable[[], None]) -> float:
@@ -308,15 +344,17 @@ def count_flops(settings: Settings, workload: Workload, batch: int) -> dict[str,
 
 
 def check_agreement(pair: dict[str, Side], workload: Workload, batch: dict[str, Tensor]) -> dict:
-    """Max |imglish - official| of every backbone output, float32, eval mode."""
+    """Max |imglish - official| of the pooled features every head reads and of every token's final hidden state
+    (first pass), float32, eval mode."""
     diffs = []
     with torch.no_grad():
         a = pair["imglish"].eval().outputs(batch)
         b = pair["official"].eval().outputs(batch)
+        full = float((pair["imglish"].hidden(batch) - pair["official"].hidden(batch)).abs().max())
     for x, y in zip(a, b):
         diffs.append(float((x - y).abs().max()))
     scale = max(float(y.abs().max()) for y in b)
-    return {"max_abs_diff": max(diffs), "output_max_abs": scale}
+    return {"max_abs_diff": max(diffs), "output_max_abs": scale, "hidden_max_abs_diff": full}
 
 
 def check_bf16(settings: Settings, quick: bool) -> dict:
@@ -329,9 +367,9 @@ def check_bf16(settings: Settings, quick: bool) -> dict:
     for impl, side in pair.items():
         side.eval()
         with torch.no_grad():
-            ref = side.outputs(data)[0]
+            ref = side.hidden(data)
             with autocast("bf16"):
-                low = side.outputs(data)[0].float()
+                low = side.hidden(data).float()
         err = (low - ref).abs()
         result[impl] = {
             "max_abs_diff": float(err.max()),
@@ -353,7 +391,8 @@ def run_timings(settings: Settings, log: Callable[[str], None]) -> tuple[list[di
         flops = count_flops(settings, workload, batch_size)
         for mode in settings.modes:
             for dtype in settings.dtypes:
-                steps = {impl: make_step(pair[impl], mode, dtype, data, settings.fused_adamw) for impl in IMPLS}
+                steps = {impl: make_step(pair[impl], mode, dtype, data, settings.fused_adamw, adamw_for(settings, impl))
+                         for impl in IMPLS}
                 for _ in range(settings.warmup):
                     for impl in IMPLS:
                         steps[impl]()
@@ -410,7 +449,7 @@ def memory_probe(settings: Settings, impl: str, workload_name: str, mode: str, d
     backbone = (build_imglish if impl == "imglish" else build_official)(settings, workload, img)
     side = Side(impl, backbone, make_head(settings, workload), workload)
     data = make_batch(workload, settings.batch[workload_name], settings.seed)
-    step = make_step(side, mode, dtype, data, settings.fused_adamw)
+    step = make_step(side, mode, dtype, data, settings.fused_adamw, adamw_for(settings, impl))
     build = _status_kib("VmRSS") / 1024
     reset = _peak_rss_reset()
     for _ in range(2):  # the second training step has the optimizer state as well as activations
@@ -559,7 +598,11 @@ def render_markdown(results: dict) -> str:
         f"{results['load_before']:.1f} before and {results['load_after']:.1f} after the run. Model: "
         f"{s['size']}{depth}; {s['warmup']} warm-up and "
         f"{s['repeats']} timed repeats per configuration, imglish and official alternating; medians. "
-        f"Optimizer: AdamW(fused={s['fused_adamw']}) on both sides.",
+        f"Optimizer: AdamW(fused={s['fused_adamw']}) on both sides. imglish training: activation recomputation "
+        f"`{s.get('imglish_recompute', 'none')}`, AdamW "
+        f"{'inside backward' if s.get('imglish_adamw') == 'in_backward' else 'after backward'}"
+        f"{'' if s.get('imglish_recompute', 'none') == 'none' and s.get('imglish_adamw', 'after') == 'after' else ' (the memory-lean settings)'}"
+        f"; the official side recomputes nothing and steps after backward.",
         "",
         "Matrix-multiply peak (square `torch.mm`, best of sizes "
         + ", ".join(str(k) for k in peak["fp32"]["by_size"]) + "): "
@@ -577,8 +620,10 @@ def render_markdown(results: dict) -> str:
             f"**{r['speedup']:.2f}x** | {r['speedup_best']:.2f}x | {100 * r['imglish']['gflops'] / p:.0f}% | "
             f"{100 * r['official']['gflops'] / p:.0f}% |"
         )
-    lines += ["", "Agreement of the outputs (float32, same weights), max |imglish - official|: "
-              + ", ".join(f"{k} {v['max_abs_diff']:.1e} (outputs up to {v['output_max_abs']:.1f})"
+    lines += ["", "Agreement (float32, same weights), max |imglish - official| of the pooled features the heads read "
+              "and, in brackets, of every token's final hidden state: "
+              + ", ".join(f"{k} {v['max_abs_diff']:.1e} [{v.get('hidden_max_abs_diff', float('nan')):.1e}] "
+                          f"(features up to {v['output_max_abs']:.1f})"
                           for k, v in results["agreement"].items()) + "."]
     if results.get("bf16_check"):
         lines += ["", "bfloat16 autocast against float32 (same weights, image 224 + 64 tokens, batch 2, first 2 layers of the model): "
@@ -680,6 +725,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--no-generation", action="store_true")
     p.add_argument("--no-fused-adamw", action="store_true", help="use the for-each AdamW on both sides")
+    p.add_argument("--imglish-recompute", default="none", choices=("none", "selective", "full"),
+                   help="imglish's activation recomputation in training (BEiT3.set_grad_checkpointing)")
+    p.add_argument("--imglish-adamw", default="after", choices=("after", "in_backward"),
+                   help="imglish's AdamW: a step after backward, or each parameter's update inside backward")
+    p.add_argument("--lean", action="store_true",
+                   help="imglish's memory-lean training: --imglish-recompute selective --imglish-adamw in_backward")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     p.add_argument("--update-doc", type=Path, default=None, help="Markdown file whose bench block is replaced")
     p.add_argument("--from-json", type=Path, default=None,
@@ -689,7 +740,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def settings_from_args(args: argparse.Namespace) -> tuple[Settings, list[str]]:
-    s = Settings(size=args.size, depth=args.depth, threads=args.threads, fused_adamw=not args.no_fused_adamw)
+    s = Settings(size=args.size, depth=args.depth, threads=args.threads, fused_adamw=not args.no_fused_adamw,
+                 imglish_recompute="selective" if args.lean else args.imglish_recompute,
+                 imglish_adamw="in_backward" if args.lean else args.imglish_adamw)
     notes: list[str] = []
     if args.quick:
         s.batch = {"image224": 1, "vqa480": 1, "text64": 2, "retrieval384": 1}

@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     data = bench.make_batch(workload, args.batch, settings.seed)
     summary: dict[str, dict[str, float]] = {}
     for impl in bench.IMPLS:
-        step = bench.make_step(pair[impl], args.mode, args.dtype, data, settings.fused_adamw)
+        step = bench.make_step(pair[impl], args.mode, args.dtype, data, settings.fused_adamw, bench.adamw_for(settings, impl))
         step()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(args.steps):

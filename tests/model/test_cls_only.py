@@ -86,3 +86,42 @@ def test_cls_only_refuses_a_cache():
     ids, _ = text_batch()
     with pytest.raises(ValueError, match="cls_only"):
         model(None, ids, cache=KVCache.empty(model.num_layers), cls_only=True)
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_recomputation_modes_give_the_same_gradients_and_selective_recomputes_no_matmul(mode):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    model = randomize(BEiT3(tiny_config())).train()
+    image, ids, pad = _inputs("fused")
+    grads, counts = {}, {}
+    for setting in ("none", mode):
+        model.set_grad_checkpointing(setting)
+        model.zero_grad(set_to_none=True)
+        loss = model(image, ids, pad).last_hidden_state.square().sum()
+        with CountOps() as ops:
+            loss.backward()
+        grads[setting] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        counts[setting] = ops.names
+    for name, grad in grads["none"].items():
+        torch.testing.assert_close(grads[mode][name], grad, rtol=0, atol=0, msg=name)
+    forward_ops = {"native_layer_norm.default", "gelu.default"}
+    assert not forward_ops & set(counts["none"])  # plain backward runs no forward op
+    assert forward_ops <= set(counts[mode])  # both modes rerun the norms and GELU in backward ...
+    rerun_matmuls = counts[mode].count("addmm.default")
+    assert rerun_matmuls == 0 if mode == "selective" else rerun_matmuls > 0  # ... only "full" the projections
+
+
+def test_grad_checkpointing_setting_is_validated():
+    with pytest.raises(ValueError, match="grad_checkpointing"):
+        tiny_config(grad_checkpointing="sometimes")
+    assert BEiT3(tiny_config(grad_checkpointing=True)).grad_checkpointing == "full"

@@ -25,9 +25,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from imglish.model.config import BEiT3Config
+from imglish.model.config import BEiT3Config, checkpoint_mode
 from imglish.model.layers import (
     FeedForward,
     KVCache,
@@ -190,6 +190,28 @@ class MultiwayBlock(nn.Module):
         return xv, xt
 
 
+# Operators whose outputs "selective" recomputation keeps: everything with a matrix product inside. The rest of a
+# layer (LayerNorms, GELU, residual adds, the concatenation of the two streams) is recomputed in backward.
+_KEEP_OPS = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.bmm.default,
+    torch.ops.aten.baddbmm.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+}
+
+
+def _keep_matmuls(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _KEEP_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _selective_contexts():
+    return create_selective_checkpoint_contexts(_keep_matmuls)
+
+
 @dataclass
 class BEiT3Output:
     """What the backbone returns.
@@ -273,7 +295,7 @@ class BEiT3(nn.Module):
             if config.normalize_output
             else None
         )
-        self.grad_checkpointing = config.grad_checkpointing
+        self.grad_checkpointing = checkpoint_mode(config.grad_checkpointing)
         self.init_weights()
 
     # ------------------------------------------------------------------ initialisation
@@ -293,9 +315,14 @@ class BEiT3(nn.Module):
         nn.init.normal_(self.vision_pos_embed)
         nn.init.normal_(self.text_pos_embed)
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each layer during backward (saves activation memory, costs one extra forward)."""
-        self.grad_checkpointing = enable
+    def set_grad_checkpointing(self, enable: bool | str = True) -> None:
+        """Recompute activations in backward: True/"full" (whole layers), "selective" or False/"none".
+
+        "full" keeps only each layer's input (least memory, about one extra forward). "selective" keeps what is
+        expensive to recompute (matrix products, attention) and recomputes the rest (norms, GELU, adds, copies):
+        about half of the activation memory for a few percent more time. See `BEiT3Config.grad_checkpointing`.
+        """
+        self.grad_checkpointing = checkpoint_mode(enable)
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names excluded from weight decay by the official recipes (spec §7), relative to this module."""
@@ -390,13 +417,16 @@ class BEiT3(nn.Module):
         hidden: list[Tensor] = []
         if output_hidden_states:
             hidden.append(self._join(xv, xt))
-        use_ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled() and cache is None
+        use_ckpt = self.grad_checkpointing != "none" and self.training and torch.is_grad_enabled() and cache is None
+        ckpt_kwargs = {"use_reentrant": False}
+        if self.grad_checkpointing == "selective":
+            ckpt_kwargs["context_fn"] = _selective_contexts
         last = len(self.layers) - 1
         for index, layer in enumerate(self.layers):
             layer_cache = cache.layers[index] if cache is not None else None
             first_only = cls_only and index == last
             if use_ckpt:
-                xv, xt = checkpoint(layer, xv, xt, mask, None, fusion, first_only, use_reentrant=False)
+                xv, xt = checkpoint(layer, xv, xt, mask, None, fusion, first_only, **ckpt_kwargs)
             else:
                 xv, xt = layer(xv, xt, mask, layer_cache, fusion, first_only)
             if output_hidden_states:

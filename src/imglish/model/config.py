@@ -11,7 +11,18 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-__all__ = ["BEiT3Config", "SIZES", "size_config"]
+__all__ = ["BEiT3Config", "SIZES", "checkpoint_mode", "size_config"]
+
+CHECKPOINT_MODES = ("none", "full", "selective")
+
+
+def checkpoint_mode(value: bool | str) -> str:
+    """The activation recomputation mode named by `value`: "none", "full" or "selective" (True means "full")."""
+    if isinstance(value, bool):
+        return "full" if value else "none"
+    if value not in CHECKPOINT_MODES:
+        raise ValueError(f"grad_checkpointing must be a bool or one of {CHECKPOINT_MODES}, got {value!r}")
+    return value
 
 
 def _pair(value: int | tuple[int, int] | list[int], name: str) -> tuple[int, int]:
@@ -48,7 +59,10 @@ class BEiT3Config:
             an image-text input in fusion mode. 0 (the released layout) disables it.
         dynamic_img_size: accept images of any size that is a multiple of the patch size by resampling the vision
             position table on the fly; otherwise a different size is an error, as in the official code.
-        grad_checkpointing: recompute each layer in the backward pass to save memory.
+        grad_checkpointing: activation recomputation in training. False/"none": off. True/"full": keep only each
+            layer's input and recompute the whole layer in backward (least memory, about one extra forward).
+            "selective": keep the outputs of matrix products and attention, recompute LayerNorms, GELU, residual
+            adds and copies (about half the activation memory for a few percent of time).
     """
 
     embed_dim: int = 768
@@ -66,7 +80,7 @@ class BEiT3Config:
     shared_attention: bool = False
     vl_ffn_layers: int = 0
     dynamic_img_size: bool = False
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool | str = False
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -97,6 +111,7 @@ class BEiT3Config:
             raise ValueError(f"BEiT3Config.drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
         if self.layernorm_eps <= 0:
             raise ValueError(f"BEiT3Config.layernorm_eps must be positive, got {self.layernorm_eps}")
+        checkpoint_mode(self.grad_checkpointing)  # validates
 
     # ------------------------------------------------------------------ derived sizes
     @property

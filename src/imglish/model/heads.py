@@ -145,7 +145,8 @@ class BEiT3Model(nn.Module):
                 return 0
         return self.num_layers + 1
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
+    def set_grad_checkpointing(self, enable: bool | str = True) -> None:
+        """See `BEiT3.set_grad_checkpointing`: True/"full", "selective" or False/"none"."""
         self.beit3.set_grad_checkpointing(enable)
 
 
