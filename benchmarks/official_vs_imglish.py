@@ -293,6 +293,7 @@ def make_step(
         loss.backward()
         opt.step()
 
+    step.optimizer = opt
     return step
 
 
@@ -412,6 +413,8 @@ def run_timings(settings: Settings, log: Callable[[str], None]) -> tuple[list[di
                 rows.append(row)
                 log(f"[{name}] {mode:7s} {dtype}: imglish {row['imglish']['median_s']:.3f}s, official "
                     f"{row['official']['median_s']:.3f}s, speedup {row['speedup']:.2f}x (load {os.getloadavg()[0]:.1f})")
+                for step in steps.values():  # OptimizerInBackward hooks must not outlive their step
+                    getattr(getattr(step, "optimizer", None), "remove_hooks", lambda: None)()
                 del steps
         del pair
     return rows, agreement
@@ -607,11 +610,14 @@ def render_markdown(results: dict) -> str:
         "Matrix-multiply peak (square `torch.mm`, best of sizes "
         + ", ".join(str(k) for k in peak["fp32"]["by_size"]) + "): "
         + "; ".join(f"{d} **{_fmt(p['gflops'], 1)} GFLOP/s**" for d, p in peak.items()) + ".",
-        "",
-        "| workload | batch | mode | dtype | imglish samples/s | official samples/s | speedup (medians) | "
-        "speedup (best runs) | imglish MFU | official MFU |",
-        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    if results["timings"]:
+        lines += [
+            "",
+            "| workload | batch | mode | dtype | imglish samples/s | official samples/s | speedup (medians) | "
+            "speedup (best runs) | imglish MFU | official MFU |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
     for r in results["timings"]:
         p = peak[r["dtype"]]["gflops"]
         lines.append(
@@ -620,11 +626,12 @@ def render_markdown(results: dict) -> str:
             f"**{r['speedup']:.2f}x** | {r['speedup_best']:.2f}x | {100 * r['imglish']['gflops'] / p:.0f}% | "
             f"{100 * r['official']['gflops'] / p:.0f}% |"
         )
-    lines += ["", "Agreement (float32, same weights), max |imglish - official| of the pooled features the heads read "
-              "and, in brackets, of every token's final hidden state: "
-              + ", ".join(f"{k} {v['max_abs_diff']:.1e} [{v.get('hidden_max_abs_diff', float('nan')):.1e}] "
-                          f"(features up to {v['output_max_abs']:.1f})"
-                          for k, v in results["agreement"].items()) + "."]
+    if results["agreement"]:
+        lines += ["", "Agreement (float32, same weights), max |imglish - official| of the pooled features the heads "
+                  "read and, in brackets, of every token's final hidden state: "
+                  + ", ".join(f"{k} {v['max_abs_diff']:.1e} [{v.get('hidden_max_abs_diff', float('nan')):.1e}] "
+                              f"(features up to {v['output_max_abs']:.1f})"
+                              for k, v in results["agreement"].items()) + "."]
     if results.get("bf16_check"):
         lines += ["", "bfloat16 autocast against float32 (same weights, image 224 + 64 tokens, batch 2, first 2 layers of the model): "
                   + "; ".join(f"{k} max {v['max_abs_diff']:.3f}, relative RMS {v['rel_rms']:.4f}"
@@ -641,7 +648,8 @@ def render_markdown(results: dict) -> str:
                          f"{above['imglish']:.0f} | {above['official']:.0f} | "
                          f"{above['imglish'] / max(above['official'], 1.0):.2f}x |")
         lines += ["", "\"Above model\" is the peak minus the RSS once the model and inputs exist: activations, "
-                  "gradients and AdamW state (the latter two are the same size on both sides)."]
+                  "gradients and AdamW state (AdamW state is the same size on both sides; so are the gradients, "
+                  "unless imglish's AdamW runs inside backward and frees each gradient as soon as it is used)."]
     if results.get("generation"):
         lines += ["", "Captioning beam search (imglish, random weights, EOS suppressed so every run decodes the "
                   "same number of steps):", "",
@@ -663,6 +671,8 @@ def render_chart(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = results["timings"]
+    if not rows:
+        return
     labels = [f"{r['workload']}\n{r['mode']} {r['dtype']}" for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(8, 1.3 * len(rows) + 4), 4.2))
     x = range(len(rows))
@@ -723,6 +733,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="fp32,bf16; 'auto' drops bf16 when the CPU has no native bf16 matmul (oneDNN)")
     p.add_argument("--batch", default=None, help="per-workload batch sizes, e.g. image224=8,vqa480=2")
     p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--memory-only", action="store_true", help="only the peak-memory probes (no timings)")
     p.add_argument("--no-generation", action="store_true")
     p.add_argument("--no-fused-adamw", action="store_true", help="use the for-each AdamW on both sides")
     p.add_argument("--imglish-recompute", default="none", choices=("none", "selective", "full"),
@@ -802,16 +813,18 @@ def main(argv: list[str] | None = None) -> int:
                      "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])}
     results["peak"] = {d: matmul_peak(d, args.quick) for d in ("fp32", "bf16")}
     log("matmul peak: " + ", ".join(f"{d} {p['gflops']:.1f} GFLOP/s" for d, p in results["peak"].items()))
-    results["bf16_check"] = check_bf16(settings, args.quick)
-    log(f"bf16 vs fp32: {results['bf16_check']}")
-    results["timings"], results["agreement"] = run_timings(settings, log)
+    results["timings"], results["agreement"] = [], {}
+    if not args.memory_only:
+        results["bf16_check"] = check_bf16(settings, args.quick)
+        log(f"bf16 vs fp32: {results['bf16_check']}")
+        results["timings"], results["agreement"] = run_timings(settings, log)
     if settings.memory:
         mem = settings
         if args.quick:  # the two workloads with memory targets, training step only
             keep = tuple(w for w in settings.workloads if w in ("image224", "vqa480")) or settings.workloads
             mem = Settings(**{**asdict(settings), "modes": ("train",), "workloads": keep})
         results["memory"] = run_memory(mem, log)
-    if not args.no_generation:
+    if not args.no_generation and not args.memory_only:
         results["generation"] = run_generation(settings, log)
     results["load_after"] = os.getloadavg()[0]
     # The peak is measured again at the end and the better figure kept: a busy machine only ever lowers it.

@@ -90,6 +90,24 @@ def test_activation_checkpointing_gives_the_same_weights(plain, tmp_path):
     assert _max_diff(plain[1], weights) < 1e-6
 
 
+def test_activation_checkpointing_setting_reads_booleans_and_mode_names(tmp_path):
+    def setting(value):
+        return build_config("tiny", overrides={"parallel.activation_checkpointing": value}).parallel
+
+    assert setting("true").activation_checkpointing is True
+    assert setting("off").activation_checkpointing is False
+    assert setting("selective").activation_checkpointing == "selective"
+    with pytest.raises(ValueError, match="activation_checkpointing"):
+        setting("sometimes")
+
+
+def test_selective_activation_checkpointing_reaches_the_model(plain, tmp_path):
+    model = StandInPretraining(CHAR_VOCAB, 8, 32, 8)
+    _, weights = _run(tmp_path / "sac", 4, model=model, parallel__activation_checkpointing="selective")
+    assert model.beit3.grad_ckpt == "selective"
+    assert _max_diff(plain[1], weights) < 1e-6
+
+
 def test_bf16_autocast_runs_in_bf16_and_tracks_fp32(plain, tmp_path):
     model = StandInPretraining(CHAR_VOCAB, 8, 32, 8)
     dtypes = set()

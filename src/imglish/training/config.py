@@ -226,7 +226,9 @@ class ParallelConfig:
     Attributes:
         precision: ``fp32`` or ``bf16`` (autocast; master weights stay fp32).
         strategy: ``auto`` (DDP when several processes, else none), ``none``, ``ddp`` or ``fsdp``.
-        activation_checkpointing: recompute each transformer block in the backward pass.
+        activation_checkpointing: activation recomputation in backward: ``false``/``none`` (off), ``true``/``full``
+            (recompute each transformer block) or ``selective`` (keep matrix-product and attention outputs,
+            recompute norms, GELU and adds: about half the activation memory for a few percent of time).
         compile: ``torch.compile`` each transformer block.
         compile_backend: the ``torch.compile`` backend (``inductor`` generates kernels; ``aot_eager`` only traces,
             which is quick to start and useful to check that a model compiles).
@@ -237,7 +239,7 @@ class ParallelConfig:
 
     precision: str = "fp32"
     strategy: str = "auto"
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool | str = False
     compile: bool = False
     compile_backend: str = "inductor"
     backend: str | None = None
@@ -362,6 +364,11 @@ class TrainConfig:
             raise ValueError(
                 f"parallel.strategy must be one of auto, none, ddp, fsdp; got {self.parallel.strategy!r}"
             )
+        if self.parallel.activation_checkpointing not in (False, True, "none", "full", "selective"):
+            raise ValueError(
+                "parallel.activation_checkpointing must be true/false or one of none, full, selective; got "
+                f"{self.parallel.activation_checkpointing!r}"
+            )
         if self.parallel.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"parallel.device must be auto, cpu or cuda; got {self.parallel.device!r}")
         if self.checkpoint.keep_last < 1:
@@ -429,9 +436,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         non_none = [a for a in args if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+        if type(None) in args and (value is None or (isinstance(value, str) and value.lower() in ("none", "null"))):
             return None
-        return _coerce(value, non_none[0], key)
+        for option in non_none[:-1]:  # e.g. bool | str: a boolean word is a bool, anything else a string
+            try:
+                return _coerce(value, option, key)
+            except ValueError:
+                pass
+        return _coerce(value, non_none[-1], key)
     if origin is tuple:
         if isinstance(value, str):
             parts = [p for p in value.replace("(", "").replace(")", "").split(",") if p.strip()]

@@ -98,9 +98,10 @@ def _layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
-def apply_ac(model: nn.Module) -> None:
-    """Recompute every transformer block in the backward pass (the model's own gradient checkpointing)."""
-    model.beit3.set_grad_checkpointing(True)
+def apply_ac(model: nn.Module, mode: bool | str = True) -> None:
+    """Activation recomputation through the model's own gradient checkpointing: True/"full" recomputes every
+    transformer block in backward, "selective" only its norms, GELU and adds (see `BEiT3.set_grad_checkpointing`)."""
+    model.beit3.set_grad_checkpointing(mode)
 
 
 def apply_compile(model: nn.Module, **compile_kwargs: Any) -> None:

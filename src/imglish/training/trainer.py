@@ -132,8 +132,8 @@ class Trainer:
                 "FSDP reduce the gradients across processes after the per-parameter update would already have run"
             )
         # Fixed order: activation checkpointing, compile, then FSDP or DDP.
-        if cfg.parallel.activation_checkpointing:
-            parallel.apply_ac(self.model)
+        if cfg.parallel.activation_checkpointing not in (False, "none"):
+            parallel.apply_ac(self.model, cfg.parallel.activation_checkpointing)
         if cfg.parallel.compile:
             parallel.apply_compile(self.model, backend=cfg.parallel.compile_backend)
         self.step_module: nn.Module = self.mdm
