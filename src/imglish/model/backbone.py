@@ -92,6 +92,10 @@ class MultiwayAttention(nn.Module):
         n_vision = hv.shape[1] if hv is not None else 0
         ov = out[:, :n_vision] if hv is not None else None
         ot = out[:, n_vision:] if ht is not None else None
+        return self._output(ov, ot)
+
+    def _output(self, ov: Tensor | None, ot: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+        """Each stream's sub-LN and output projection, by its own expert."""
         if ov is not None:
             ov = _expert(self.proj, VISION)(_expert(self.inner_norm, VISION)(ov))
         if ot is not None:
@@ -127,11 +131,7 @@ class MultiwayAttention(nn.Module):
         out = out.transpose(1, 2).reshape(batch, len(rows), -1)
         ov = out[:, :1] if hv is not None else None
         ot = out[:, -1:] if ht is not None else None
-        if ov is not None:
-            ov = _expert(self.proj, VISION)(_expert(self.inner_norm, VISION)(ov))
-        if ot is not None:
-            ot = _expert(self.proj, TEXT)(_expert(self.inner_norm, TEXT)(ot))
-        return ov, ot
+        return self._output(ov, ot)
 
 
 class MultiwayBlock(nn.Module):
