@@ -14,35 +14,31 @@ over the global batch, whatever the number of processes.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["STREAMS", "TERMS", "MDMOutput", "MaskedDataModeling", "attach_visual_targets", "count_targets"]
+from imglish.tasks.base import StepOutput
+
+__all__ = [
+    "STREAMS",
+    "TERMS",
+    "MDMOutput",
+    "MaskedDataModeling",
+    "PretrainingTask",
+    "attach_visual_targets",
+    "count_targets",
+]
 
 STREAMS = ("image", "text", "pair")
 # (stream, kind): kind "mim" predicts visual codes, "mlm" predicts text ids.
 TERMS = (("image", "mim"), ("text", "mlm"), ("pair", "mlm"), ("pair", "mim"))
 
 
-@dataclass
-class MDMOutput:
-    """Result of one forward over a micro-batch.
-
-    Attributes:
-        loss: the weighted, normalised loss to back-propagate (a 0-dim tensor).
-        loss_sum: per term ``"stream.kind"``, the summed cross-entropy (detached, float64).
-        count: per term, the number of predicted tokens.
-        correct: per term, how many argmax predictions were right.
-    """
-
-    loss: torch.Tensor
-    loss_sum: dict[str, torch.Tensor] = field(default_factory=dict)
-    count: dict[str, torch.Tensor] = field(default_factory=dict)
-    correct: dict[str, torch.Tensor] = field(default_factory=dict)
+#: one micro-batch's result; terms are ``"stream.kind"`` and counts are predicted tokens
+MDMOutput = StepOutput
 
 
 def count_targets(batch: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, int]:
@@ -104,6 +100,7 @@ class MaskedDataModeling(nn.Module):
         self,
         batch: Mapping[str, Mapping[str, torch.Tensor]],
         denominators: Mapping[str, float] | None = None,
+        step: int = 0,
     ) -> MDMOutput:
         """MDM loss of one micro-batch.
 
@@ -113,6 +110,7 @@ class MaskedDataModeling(nn.Module):
                 (B, T) (1 = pad), ``text_mask`` (B, T) bool and ``text_targets`` (B, T) long (original ids).
             denominators: per term ``"stream.kind"``, what its cross-entropy sum is divided by; by default the
                 term's own count (a per-micro-batch mean).
+            step: the optimizer step (unused: the objective does not change over a run).
 
         Returns:
             :class:`MDMOutput`.
@@ -153,3 +151,33 @@ class MaskedDataModeling(nn.Module):
                 out.correct[name] = correct.detach().double()
         out.loss = total
         return out
+
+
+class PretrainingTask:
+    """Masked data modeling as the trainer sees a task: three streams, four terms, visual targets made on the device.
+
+    Args:
+        weights: weight of each stream's loss (``objective.{image,text,pair}_weight``).
+        visual_tokenizer: module with ``get_codebook_indices(images_in_0_1)``, or ``None`` when every target is
+            precomputed.
+    """
+
+    name = "pretraining"
+    terms = tuple(f"{s}.{k}" for s, k in TERMS)
+
+    def __init__(self, weights: Mapping[str, float] | None = None, visual_tokenizer: Any = None) -> None:
+        self.weights = dict(weights or {})
+        self.visual_tokenizer = visual_tokenizer
+
+    def step_module(self, model: nn.Module) -> MaskedDataModeling:
+        return MaskedDataModeling(model, self.weights)
+
+    def term_weight(self, term: str) -> float:
+        return float(self.weights.get(term.split(".")[0], 1.0))
+
+    def count_targets(self, batch: Mapping[str, Mapping[str, torch.Tensor]], step: int) -> dict[str, int]:
+        return count_targets(batch)
+
+    def prepare(self, batch: dict[str, dict[str, torch.Tensor]]) -> None:
+        if self.visual_tokenizer is not None:
+            attach_visual_targets(batch, self.visual_tokenizer)

@@ -34,6 +34,7 @@ __all__ = [
     "OptimConfig",
     "ParallelConfig",
     "ScheduleConfig",
+    "TaskConfig",
     "TrainConfig",
     "apply_overrides",
     "build_config",
@@ -41,6 +42,7 @@ __all__ = [
     "config_to_dict",
     "get_preset",
     "list_presets",
+    "resolve_preset",
     "load_config_file",
     "save_config",
 ]
@@ -194,12 +196,19 @@ class ScheduleConfig:
         min_lr: learning rate at the end of the cosine.
         time_limit_s: stop the loop after this many seconds (0: no limit), as a safety net for runs that must end
             by a deadline; the run then ends early at a checkpoint and ``PretrainSummary.stopped_early`` says so.
+        epochs: fine-tuning: when > 0, ``max_steps`` becomes ``ceil(epochs * steps_per_epoch)`` once the training
+            set is known, with ``steps_per_epoch = len(train) // task.batch_size`` (at least 1), as the official
+            scripts count it (spec §7).
+        warmup_epochs: fine-tuning: when > 0 (and ``epochs`` > 0), ``warmup_steps`` becomes
+            ``round(warmup_epochs * steps_per_epoch)``.
     """
 
     max_steps: int = 1000
     warmup_steps: int = 50
     min_lr: float = 1e-5
     time_limit_s: float = 0.0
+    epochs: float = 0.0
+    warmup_epochs: float = 0.0
 
 
 @dataclass
@@ -263,6 +272,58 @@ class LoggingConfig:
 
 
 @dataclass
+class TaskConfig:
+    """Which task a run trains, and the task's own knobs (fine-tuning; ``pretraining`` uses ``data``/``objective``).
+
+    Attributes:
+        name: ``pretraining`` or a fine-tuning task (``imglish.tasks.list_tasks()``: ``imagenet``, ``vqav2``,
+            ``nlvr2``, ``coco_retrieval``, ``flickr30k``, ``coco_captioning``, ``nocaps``).
+        batch_size: global training examples per optimizer step (all ranks and micro-steps).
+        eval_batch_size: examples per forward in evaluation, per process.
+        eval_every: steps between evaluations on ``eval_split`` during training (0: only the final one).
+        eval_split: the split of the evaluation after training (and of the periodic ones).
+        max_train_examples: use only this many training records, a seeded subset (0: all); the low-label regime.
+        max_eval_examples: evaluate on only this many records of the split, its first ones (0: all).
+        label_smoothing: label smoothing of classification (imagenet) and captioning losses.
+        mixup: mixup alpha (imagenet; 0 disables it).
+        cutmix: cutmix alpha (imagenet; 0 disables it). With both on, each batch uses one of the two at random.
+        randaug: RandAugment in the training transform; ``None`` follows the recipe (on for imagenet, vqav2 and
+            the captioning tasks, off for nlvr2 and retrieval).
+        head_lr_weight: learning-rate factor of parameters whose name starts with ``head`` (VQA recipe: 20).
+        answer_min_count: VQA: answers of the training split kept in the vocabulary (official: 9).
+        mask_prob: captioning: share of caption tokens masked in training (recipes: 0.7).
+        drop_worst_ratio: captioning: share of the largest per-token losses dropped (recipes: 0.2) ...
+        drop_worst_after: ... after this many optimizer steps (recipes: 12000).
+        num_beams: captioning: beam size of the evaluation decoding (official: 3).
+        max_gen_len: captioning: longest generated caption in tokens, BOS included (official eval: 64).
+        length_penalty: captioning: beam-search length penalty (official: 0.6).
+        caption_backend: captioning metrics: ``auto`` (pycocoevalcap when Java is present, else pure Python),
+            ``coco`` or ``python``.
+    """
+
+    name: str = "pretraining"
+    batch_size: int = 32
+    eval_batch_size: int = 32
+    eval_every: int = 0
+    eval_split: str = "val"
+    max_train_examples: int = 0
+    max_eval_examples: int = 0
+    label_smoothing: float = 0.1
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    randaug: bool | None = None
+    head_lr_weight: float = 1.0
+    answer_min_count: int = 9
+    mask_prob: float = 0.7
+    drop_worst_ratio: float = 0.2
+    drop_worst_after: int = 12000
+    num_beams: int = 3
+    max_gen_len: int = 64
+    length_penalty: float = 0.6
+    caption_backend: str = "auto"
+
+
+@dataclass
 class TrainConfig:
     """The whole configuration of one pretraining run.
 
@@ -283,6 +344,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
 
     def validate(self) -> TrainConfig:
         """Check the values that cannot be checked by type alone; returns ``self``.
@@ -290,11 +352,14 @@ class TrainConfig:
         Raises:
             ValueError: naming the field and what was expected.
         """
-        d, o, s = self.data, self.optim, self.schedule
+        d, o, s, t = self.data, self.optim, self.schedule, self.task
+        pretraining = t.name == "pretraining"
+        if not pretraining:
+            self._validate_task()
         for name in ("image_batch", "text_batch", "pair_batch"):
             if getattr(d, name) < 0:
                 raise ValueError(f"data.{name} must be >= 0, got {getattr(d, name)}")
-        if d.image_batch + d.text_batch + d.pair_batch == 0:
+        if pretraining and d.image_batch + d.text_batch + d.pair_batch == 0:
             raise ValueError(
                 "data.image_batch, data.text_batch and data.pair_batch are all 0; nothing to train on"
             )
@@ -354,6 +419,10 @@ class TrainConfig:
                 )
         if s.max_steps < 1:
             raise ValueError(f"schedule.max_steps must be >= 1, got {s.max_steps}")
+        if s.epochs < 0 or s.warmup_epochs < 0:
+            raise ValueError(
+                f"schedule.epochs and schedule.warmup_epochs must be >= 0, got {s.epochs} and {s.warmup_epochs}"
+            )
         if s.time_limit_s < 0:
             raise ValueError(f"schedule.time_limit_s must be >= 0, got {s.time_limit_s}")
         if s.warmup_steps < 0:
@@ -376,6 +445,43 @@ class TrainConfig:
         if self.checkpoint.save_every < 0:
             raise ValueError(f"checkpoint.save_every must be >= 0, got {self.checkpoint.save_every}")
         return self
+
+    def _validate_task(self) -> None:
+        from imglish.training.recipes import TASK_NAMES
+
+        t = self.task
+        if t.name not in TASK_NAMES:
+            raise ValueError(f"unknown task {t.name!r}; expected one of pretraining, {', '.join(TASK_NAMES)}")
+        for name in ("batch_size", "eval_batch_size", "num_beams", "answer_min_count"):
+            if getattr(t, name) < 1:
+                raise ValueError(f"task.{name} must be >= 1, got {getattr(t, name)}")
+        parts = self.parallel_parts()
+        if t.batch_size % parts:
+            raise ValueError(
+                f"task.batch_size ({t.batch_size}) must be divisible by processes x optim.accum_steps ({parts})"
+            )
+        for name in ("max_train_examples", "max_eval_examples", "eval_every", "drop_worst_after"):
+            if getattr(t, name) < 0:
+                raise ValueError(f"task.{name} must be >= 0, got {getattr(t, name)}")
+        for name in ("label_smoothing", "drop_worst_ratio"):
+            if not 0.0 <= getattr(t, name) < 1.0:
+                raise ValueError(f"task.{name} must be in [0, 1), got {getattr(t, name)}")
+        if not 0.0 < t.mask_prob <= 1.0:
+            raise ValueError(f"task.mask_prob must be in (0, 1], got {t.mask_prob}")
+        if t.mixup < 0 or t.cutmix < 0:
+            raise ValueError(f"task.mixup and task.cutmix must be >= 0, got {t.mixup} and {t.cutmix}")
+        if t.head_lr_weight <= 0:
+            raise ValueError(f"task.head_lr_weight must be > 0, got {t.head_lr_weight}")
+        if t.max_gen_len < 3:
+            raise ValueError(f"task.max_gen_len must be >= 3, got {t.max_gen_len}")
+        if t.eval_split not in ("train", "val", "test"):
+            raise ValueError(f"task.eval_split must be train, val or test; got {t.eval_split!r}")
+        if t.caption_backend not in ("auto", "coco", "python"):
+            raise ValueError(f"task.caption_backend must be auto, coco or python; got {t.caption_backend!r}")
+
+    def parallel_parts(self) -> int:
+        """Processes (``WORLD_SIZE``) times micro-steps: what a global batch is split into."""
+        return int(os.environ.get("WORLD_SIZE", "1")) * self.optim.accum_steps
 
 
 def _tiny() -> TrainConfig:
@@ -408,6 +514,33 @@ def _base() -> TrainConfig:
 
 
 PRESETS: dict[str, typing.Callable[[], TrainConfig]] = {"tiny": _tiny, "base": _base}
+
+
+def _register_task_presets() -> None:
+    from imglish.training.recipes import task_presets
+
+    for name, fn in task_presets().items():
+        PRESETS[name] = fn
+
+
+_register_task_presets()
+
+
+def resolve_preset(name: str | None, task: str | None) -> str:
+    """The preset name a command means: for a fine-tuning ``task``, ``tiny``/``base``/``large`` stand for
+    ``<task>_tiny`` etc.; a full name must belong to that task.
+
+    Raises:
+        ValueError: for an unknown name (listing the valid ones) or a preset of another task.
+    """
+    if task is None or task == "pretraining":
+        return name or "tiny"
+    name = name or "tiny"
+    full = name if name.startswith(f"{task}_") else f"{task}_{name}"
+    if full not in PRESETS:
+        valid = sorted(p for p in PRESETS if p.startswith(f"{task}_"))
+        raise ValueError(f"unknown preset {name!r} for task {task!r}; expected one of {', '.join(valid)}")
+    return full
 
 
 def list_presets() -> list[str]:
@@ -563,8 +696,12 @@ def build_config(
     preset: str | None = "tiny",
     config_file: str | os.PathLike | None = None,
     overrides: Mapping[str, Any] | None = None,
+    task: str | None = None,
 ) -> TrainConfig:
     """Preset, then config file, then overrides; validated.
+
+    With ``task`` (a fine-tuning task name), ``preset`` may be the short ``tiny``/``base``/``large`` (see
+    :func:`resolve_preset`), and the preset's ``task.name`` is that task.
 
     Args:
         preset: built-in preset name; when ``None`` the file's ``preset`` key (or ``tiny``) is used.
@@ -573,6 +710,8 @@ def build_config(
     """
     file_values = load_config_file(config_file) if config_file is not None else {}
     name = preset if preset is not None else file_values.get("preset", "tiny")
+    if task is not None:
+        name = resolve_preset(name, task)
     cfg = get_preset(name)
     file_values = {k: v for k, v in file_values.items() if k != "preset"}
     apply_overrides(cfg, file_values)

@@ -31,13 +31,17 @@ def _num_layers(model: nn.Module) -> int | None:
     return len(layers) if layers is not None else None
 
 
-def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict[str, Any]]:
+def param_groups(
+    model: nn.Module, weight_decay: float, layer_decay: float = 1.0, head_lr_weight: float = 1.0
+) -> list[dict[str, Any]]:
     """Split the trainable parameters of ``model`` into AdamW groups.
 
     Args:
         model: the (unwrapped) model; ``no_weight_decay()`` and ``layer_id(name)`` are used when it has them.
         weight_decay: decay of the decayed groups.
         layer_decay: lr decay per layer from the top; 1.0 gives a single scale.
+        head_lr_weight: lr factor of the parameters whose name starts with ``head`` (the official
+            ``--task_head_lr_weight``: 20 for VQA, whose ``pooler`` is not boosted; spec §7).
 
     Returns:
         A list of groups with ``params``, ``weight_decay``, ``lr_scale`` and ``names`` (for inspection).
@@ -56,7 +60,10 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0
         no_decay = p.ndim <= 1 or name.endswith(".bias") or name in skip
         layer = model.layer_id(name) if use_ld else 0
         scale = layer_decay ** (num_layers + 1 - layer) if use_ld else 1.0
-        key = ("no_decay" if no_decay else "decay", layer)
+        boosted = head_lr_weight != 1.0 and name.startswith("head")
+        if boosted:
+            scale *= head_lr_weight
+        key = ("no_decay" if no_decay else "decay", layer, boosted)
         g = groups.setdefault(
             key,
             {"params": [], "names": [], "weight_decay": 0.0 if no_decay else weight_decay, "lr_scale": scale},
@@ -75,6 +82,7 @@ def build_optimizer(
     layer_decay: float = 1.0,
     fused: bool = True,
     in_backward: bool = False,
+    head_lr_weight: float = 1.0,
 ) -> torch.optim.Optimizer:
     """AdamW over :func:`param_groups`; each group's lr is ``lr * lr_scale``.
 
@@ -89,6 +97,7 @@ def build_optimizer(
         eps: Adam epsilon.
         layer_decay: layer-wise lr decay (see :func:`param_groups`).
         fused: try the fused AdamW kernel first.
+        head_lr_weight: lr factor of ``head*`` parameters (see :func:`param_groups`).
         in_backward: return an :class:`OptimizerInBackward` (updates inside ``backward()``, gradients freed one
             parameter at a time, ``step()`` a no-op) instead of a ``torch.optim.AdamW``; both hold the same groups
             and write the same ``state_dict`` format.
@@ -96,7 +105,7 @@ def build_optimizer(
     Returns:
         A ``torch.optim.AdamW``, or an :class:`OptimizerInBackward` when ``in_backward`` is true.
     """
-    groups = param_groups(model, weight_decay, layer_decay)
+    groups = param_groups(model, weight_decay, layer_decay, head_lr_weight)
     for g in groups:
         g["lr"] = lr * g["lr_scale"]
         g["initial_lr"] = g["lr"]

@@ -1,15 +1,20 @@
-"""The pretraining loop: micro-batches, accumulation, clipping, bf16 autocast, non-finite skips, checkpoints, logs.
+"""The one training loop of every task: micro-batches, accumulation, clipping, bf16 autocast, non-finite skips,
+checkpoints, logs, periodic evaluation.
 
-:class:`Trainer` is built from a validated :class:`TrainConfig`, an (unwrapped, single-device) pretraining model, a
-visual tokenizer (or ``None`` when targets are precomputed) and a :class:`StepBatches` dataset. It applies the
-parallelism itself (``training.parallel``), so the model code never knows about it.
+:class:`Trainer` is built from a validated :class:`TrainConfig`, an (unwrapped, single-device) model, a
+:class:`StepBatches` dataset and a *task*: an object with ``terms``, ``step_module(model)`` (the module whose
+``forward(batch, denominators, step)`` returns an :class:`imglish.tasks.StepOutput`), ``count_targets(batch, step)``,
+``prepare(batch)`` and ``term_weight(term)`` (:class:`imglish.tasks.Task` for fine-tuning,
+:class:`imglish.tasks.pretraining.PretrainingTask` for masked data modeling, the default). The trainer never imports
+a task module. It applies the parallelism itself (``training.parallel``), so neither the model nor the task knows
+about it.
 
 One optimizer step:
 
 1. read this rank's ``accum_steps`` micro-batches of the step;
-2. count the prediction targets of each loss term over the *global* batch (an all-reduce of a few integers) and
-   divide every term's cross-entropy sum by ``global_count / world_size``: the accumulated, rank-averaged gradient
-   is then exactly that of the mean over the global batch, for any number of processes;
+2. count the targets of each loss term (tokens or examples) over the *global* batch (an all-reduce of a few
+   integers) and divide every term's loss sum by ``global_count / world_size``: the accumulated, rank-averaged
+   gradient is then exactly that of the mean over the global batch, for any number of processes;
 3. forward and backward each micro-batch (DDP synchronises only on the last one), under bf16 autocast if asked;
 4. if the loss or the gradient norm is not finite on any rank, drop the gradients, count the step as skipped and
    move on (the weights are untouched); after ``optim.max_bad_steps`` such steps in a row stop with
@@ -37,7 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from imglish.tasks.pretraining import TERMS, MaskedDataModeling, attach_visual_targets, count_targets
+from imglish.tasks.pretraining import PretrainingTask
 from imglish.training import parallel
 from imglish.training.checkpoint import CheckpointManager, get_rng_state, set_rng_state
 from imglish.training.config import TrainConfig, config_to_dict
@@ -45,8 +50,6 @@ from imglish.training.optim import build_optimizer, build_scheduler
 from imglish.training.streams import StepBatches, make_step_loader, pop_skipped
 
 __all__ = ["NonFiniteLossError", "TrainResult", "Trainer", "to_device"]
-
-_TERM_NAMES = [f"{s}.{k}" for s, k in TERMS]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -77,21 +80,29 @@ class TrainResult:
 def to_device(
     batch: dict[str, dict[str, torch.Tensor]], device: torch.device
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """Move every tensor of a three-stream batch to ``device``."""
-    return {s: {k: v.to(device, non_blocking=True) for k, v in part.items()} for s, part in batch.items()}
+    """Move every tensor of a ``{stream: {key: tensor}}`` batch to ``device``."""
+    return {
+        s: {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in part.items()}
+        for s, part in batch.items()
+    }
 
 
 class Trainer:
-    """Runs the MDM pretraining loop for one process (rank) of a run.
+    """Runs the training loop of a task for one process (rank) of a run.
 
     Args:
         cfg: the validated configuration.
-        model: the unwrapped pretraining model (``no_weight_decay``, ``layer_id``, ``beit3.layers``).
+        model: the unwrapped model (``no_weight_decay``, ``layer_id``, ``beit3.layers``).
         dataset: the micro-batches of this rank.
-        visual_tokenizer: module with ``get_codebook_indices(images_in_0_1) -> (B, N)``, or ``None``.
+        visual_tokenizer: pretraining only, when ``task`` is not given: module with
+            ``get_codebook_indices(images_in_0_1) -> (B, N)``, or ``None``.
         dist_info: this process's place in the run.
         device: where to compute.
         loss_hook: optional ``(step, loss) -> loss`` applied before backward (used by tests to inject NaNs).
+        task: the task (see the module docstring); default: masked data modeling with ``cfg.objective``'s weights.
+        evaluator: optional ``(trainer) -> {metric: value}`` run on every rank every ``task.eval_every`` steps;
+            its values are logged as ``eval/<metric>`` rows of ``history.jsonl`` and TensorBoard.
+        desc: the progress bar's label (default: the task's name).
     """
 
     def __init__(
@@ -103,6 +114,9 @@ class Trainer:
         dist_info: parallel.DistInfo | None = None,
         device: torch.device | None = None,
         loss_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+        task: Any = None,
+        evaluator: Callable[[Trainer], dict[str, float]] | None = None,
+        desc: str | None = None,
     ) -> None:
         self.cfg = cfg
         self.dist = dist_info or parallel.DistInfo()
@@ -116,10 +130,16 @@ class Trainer:
             self.visual_tokenizer = visual_tokenizer.to(self.device).eval()
             for p in self.visual_tokenizer.parameters():
                 p.requires_grad_(False)
-        o = cfg.objective
-        self.mdm = MaskedDataModeling(
-            self.model, {"image": o.image_weight, "text": o.text_weight, "pair": o.pair_weight}
-        )
+        if task is None:
+            o = cfg.objective
+            task = PretrainingTask(
+                {"image": o.image_weight, "text": o.text_weight, "pair": o.pair_weight}, self.visual_tokenizer
+            )
+        self.task = task
+        self.terms: list[str] = list(task.terms)
+        self.evaluator = evaluator
+        self.desc = desc or getattr(task, "name", "train")
+        self.loss_module = task.step_module(self.model)
         self.strategy = cfg.parallel.strategy
         if self.strategy == "auto":
             self.strategy = "ddp" if self.dist.distributed else "none"
@@ -136,11 +156,11 @@ class Trainer:
             parallel.apply_ac(self.model, cfg.parallel.activation_checkpointing)
         if cfg.parallel.compile:
             parallel.apply_compile(self.model, backend=cfg.parallel.compile_backend)
-        self.step_module: nn.Module = self.mdm
+        self.step_module: nn.Module = self.loss_module
         if self.strategy == "fsdp":
-            parallel.apply_fsdp(self.mdm, self.model)
+            parallel.apply_fsdp(self.loss_module, self.model)
         elif self.strategy == "ddp":
-            self.step_module = parallel.apply_ddp(self.mdm, self.device)
+            self.step_module = parallel.apply_ddp(self.loss_module, self.device)
         self.optimizer = build_optimizer(
             self.model,
             cfg.optim.lr,
@@ -150,6 +170,7 @@ class Trainer:
             cfg.optim.layer_decay,
             fused=cfg.optim.fused and self.strategy != "fsdp",
             in_backward=self.in_backward,
+            head_lr_weight=cfg.task.head_lr_weight if cfg.task.name != "pretraining" else 1.0,
         )
         self.scheduler = build_scheduler(
             self.optimizer,
@@ -250,35 +271,33 @@ class Trainer:
         return contextlib.nullcontext()
 
     def _denominators(self, micro_batches: list[dict[str, dict[str, torch.Tensor]]]) -> dict[str, float]:
-        counts = torch.zeros(len(_TERM_NAMES), dtype=torch.float64)
+        counts = torch.zeros(len(self.terms), dtype=torch.float64)
         for mb in micro_batches:
-            for name, n in count_targets(mb).items():
-                counts[_TERM_NAMES.index(name)] += n
+            for name, n in self.task.count_targets(mb, self.step).items():
+                counts[self.terms.index(name)] += n
         parallel.all_reduce_sum(counts)
         ws = self.dist.world_size
-        return {name: counts[i].item() / ws for i, name in enumerate(_TERM_NAMES) if counts[i] > 0}
+        return {name: counts[i].item() / ws for i, name in enumerate(self.terms) if counts[i] > 0}
 
     def train_step(self, micro_batches: list[dict[str, dict[str, torch.Tensor]]]) -> dict[str, float]:
         """One optimizer step over this rank's micro-batches; returns the step's global statistics."""
         micro_batches = [to_device(mb, self.device) for mb in micro_batches]
-        if self.visual_tokenizer is not None:
-            for mb in micro_batches:
-                attach_visual_targets(mb, self.visual_tokenizer)
+        for mb in micro_batches:
+            self.task.prepare(mb)
         denominators = self._denominators(micro_batches)
-        stats = torch.zeros(
-            3 * len(_TERM_NAMES) + 1, dtype=torch.float64
-        )  # sums, counts, correct, non-finite
-        self.mdm.train()
+        terms = self.terms
+        stats = torch.zeros(3 * len(terms) + 1, dtype=torch.float64)  # sums, counts, correct, non-finite
+        self.loss_module.train()
         for i, mb in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             sync = contextlib.nullcontext()
             if self.strategy == "ddp" and not last:
                 sync = self.step_module.no_sync()
             elif self.strategy == "fsdp":
-                self.mdm.set_requires_gradient_sync(last)
+                self.loss_module.set_requires_gradient_sync(last)
             with sync:
                 with self._autocast():
-                    out = self.step_module(mb, denominators)
+                    out = self.step_module(mb, denominators, self.step)
                 loss = out.loss
                 if self.loss_hook is not None:
                     loss = self.loss_hook(self.step, loss)
@@ -287,11 +306,12 @@ class Trainer:
                     stats[-1] += 1
                 if not (bad and self.in_backward):  # in_backward: backward itself would update the weights
                     loss.backward()
-            for j, name in enumerate(_TERM_NAMES):
+            for j, name in enumerate(terms):
                 if name in out.count:
                     stats[j] += out.loss_sum[name].cpu()
-                    stats[len(_TERM_NAMES) + j] += out.count[name]
-                    stats[2 * len(_TERM_NAMES) + j] += out.correct[name].cpu()
+                    stats[len(terms) + j] += out.count[name]
+                    if name in out.correct:
+                        stats[2 * len(terms) + j] += out.correct[name].cpu()
         if self.in_backward:  # the gradients were used and freed in backward: no global norm exists
             grad_norm = math.nan
         else:
@@ -310,7 +330,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
-        n = len(_TERM_NAMES)
+        n = len(terms)
         row: dict[str, float] = {
             "step": self.step,
             "lr": lr,
@@ -318,14 +338,33 @@ class Trainer:
             "skipped": float(not finite),
         }
         total = 0.0
-        for j, name in enumerate(_TERM_NAMES):
+        for j, name in enumerate(terms):
             c = stats[n + j].item()
             if c > 0:
                 row[f"loss/{name}"] = stats[j].item() / c
                 row[f"acc/{name}"] = stats[2 * n + j].item() / c
-                total += self.mdm.weights[name.split(".")[0]] * row[f"loss/{name}"]
+                total += self.task.term_weight(name) * row[f"loss/{name}"]
         row["loss"] = total
         return row
+
+    def _periodic_eval(self, writer: Any, hist_path: Path, bar: Any) -> dict[str, float]:
+        """Run the evaluator (every rank) without touching the training RNG streams; log on rank 0."""
+        with torch.random.fork_rng(devices=[] if self.device.type == "cpu" else [self.device]):
+            metrics = self.evaluator(self)
+        self.loss_module.train()
+        if self.dist.is_main:
+            row = {"step": self.step, **{f"eval/{k}": float(v) for k, v in metrics.items()}}
+            self.history.append(row)
+            with open(hist_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            if writer is not None:
+                for k, v in row.items():
+                    if k != "step":
+                        writer.add_scalar(k, v, self.step)
+            msg = "step {}: {}".format(self.step, ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+            if bar is not None:
+                bar.write(msg)
+        return metrics
 
     def _grad_norm(self) -> float:
         params = [p for p in self.model.parameters() if p.grad is not None]
@@ -356,7 +395,7 @@ class Trainer:
         if self.dist.is_main and cfg.logging.progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=max_steps, initial=self.step, desc="pretrain", unit="step", dynamic_ncols=True)
+            bar = tqdm(total=max_steps, initial=self.step, desc=self.desc, unit="step", dynamic_ncols=True)
         loader = make_step_loader(self.dataset, self.step, max_steps, cfg.data.num_workers)
         it = iter(loader)
         samples_per_step = sum(self.dataset.batch_sizes.values())
@@ -402,9 +441,7 @@ class Trainer:
                                     writer.add_scalar(k if "/" in k else f"train/{k}", v, self.step)
                     if bar is not None:
                         post = {
-                            n.replace(".", "_"): f"{row[f'loss/{n}']:.3f}"
-                            for n in _TERM_NAMES
-                            if f"loss/{n}" in row
+                            n.replace(".", "_"): f"{row[f'loss/{n}']:.3f}" for n in self.terms if f"loss/{n}" in row
                         }
                         post["samples/s"] = f"{row['samples_per_s']:.0f}"
                         if self.skipped_steps:
@@ -413,6 +450,9 @@ class Trainer:
                         bar.update(1)
                 if on_step is not None:
                     on_step(self, row)
+                eval_every = cfg.task.eval_every if self.evaluator is not None else 0
+                if eval_every and self.step % eval_every == 0 and self.step < max_steps:
+                    self._periodic_eval(writer, hist_path, bar)
                 every = cfg.checkpoint.save_every
                 limit = cfg.schedule.time_limit_s
                 # every rank takes rank 0's decision, so that all stop at the same step

@@ -1,0 +1,161 @@
+"""The official fine-tuning recipes (spec §7) and a ``tiny`` recipe per task, as named presets.
+
+Every official base and large recipe is a preset ``<task>_<size>`` (``vqav2_base``, ``coco_retrieval_large``, ...)
+with the global batch, learning rate, layer decay, epochs, warmup, drop path, weight decay and task options of the
+get_started commands (8 or more V100s). ``<task>_tiny`` fine-tunes the tiny model on the embedded world on a 2-core
+CPU in a minute or two. Common to every official recipe: AdamW (eps 1e-8), no gradient clipping, warmup from 0 then
+cosine to 1e-6, seed 42. The official runs used DeepSpeed fp16; imglish's presets use bf16 autocast.
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass
+
+if typing.TYPE_CHECKING:
+    from imglish.training.config import TrainConfig
+
+__all__ = ["OFFICIAL_RECIPES", "Recipe", "task_presets"]
+
+# registry suffix and official resolution of each task's model
+_MODEL = {
+    "imagenet": ("imageclassification", 224),
+    "vqav2": ("vqav2", 480),
+    "nlvr2": ("nlvr2", 224),
+    "coco_retrieval": ("retrieval", 384),
+    "flickr30k": ("retrieval", 384),
+    "coco_captioning": ("captioning", 480),
+    "nocaps": ("captioning", 480),
+}
+TASK_NAMES = tuple(_MODEL)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One official recipe row (spec §7)."""
+
+    batch: int
+    lr: float
+    layer_decay: float
+    epochs: float
+    warmup_epochs: float
+    drop_path: float
+    weight_decay: float
+    betas: tuple[float, float] = (0.9, 0.999)
+    checkpointing: bool = False
+    extra: tuple[tuple[str, typing.Any], ...] = ()
+
+
+_IMAGENET = (("task.mixup", 0.8), ("task.cutmix", 1.0), ("task.label_smoothing", 0.1), ("task.randaug", True))
+_VQA = (("task.randaug", True), ("task.head_lr_weight", 20.0), ("data.max_text_len", 64))
+_TEXT64 = (("data.max_text_len", 64),)
+_CAPTION = (
+    ("task.randaug", True),
+    ("data.max_text_len", 32),
+    ("task.mask_prob", 0.7),
+    ("task.label_smoothing", 0.1),
+    ("task.drop_worst_ratio", 0.2),
+    ("task.drop_worst_after", 12000),
+)
+
+OFFICIAL_RECIPES: dict[tuple[str, str], Recipe] = {
+    ("imagenet", "base"): Recipe(1024, 7e-4, 0.65, 50, 5, 0.15, 0.05, extra=_IMAGENET),
+    ("imagenet", "large"): Recipe(1024, 2e-4, 0.8, 50, 5, 0.25, 0.05, checkpointing=True, extra=_IMAGENET),
+    ("vqav2", "base"): Recipe(128, 3e-5, 1.0, 10, 1, 0.1, 0.01, betas=(0.9, 0.98), extra=_VQA),
+    ("vqav2", "large"): Recipe(128, 2e-5, 1.0, 10, 1, 0.15, 0.01, betas=(0.9, 0.98), checkpointing=True, extra=_VQA),
+    ("nlvr2", "base"): Recipe(256, 7e-4, 0.65, 20, 5, 0.2, 0.2, extra=_TEXT64),
+    ("nlvr2", "large"): Recipe(256, 3e-4, 0.85, 20, 5, 0.2, 0.2, checkpointing=True, extra=_TEXT64),
+    ("coco_retrieval", "base"): Recipe(3072, 2e-4, 0.65, 15, 3, 0.2, 0.05, checkpointing=True, extra=_TEXT64),
+    ("coco_retrieval", "large"): Recipe(3072, 5e-5, 0.85, 15, 3, 0.2, 0.05, checkpointing=True, extra=_TEXT64),
+    ("flickr30k", "base"): Recipe(3072, 1e-4, 0.65, 20, 5, 0.2, 0.05, checkpointing=True, extra=_TEXT64),
+    ("flickr30k", "large"): Recipe(3072, 5e-5, 0.85, 20, 5, 0.2, 0.05, checkpointing=True, extra=_TEXT64),
+    ("coco_captioning", "base"): Recipe(256, 4e-5, 1.0, 10, 1, 0.1, 0.05, checkpointing=True, extra=_CAPTION),
+    ("coco_captioning", "large"): Recipe(256, 8e-6, 1.0, 10, 1, 0.1, 0.05, checkpointing=True, extra=_CAPTION),
+    ("nocaps", "base"): Recipe(256, 1e-5, 1.0, 10, 1, 0.1, 0.05, checkpointing=True, extra=_CAPTION),
+    ("nocaps", "large"): Recipe(256, 8e-6, 1.0, 10, 1, 0.1, 0.05, checkpointing=True, extra=_CAPTION),
+}
+
+# The tiny recipes: the tiny model at 64 pixels (patch 8) on the embedded world, a fixed number of steps.
+_TINY: dict[str, dict[str, typing.Any]] = {
+    "imagenet": {"optim.lr": 2e-3, "task.batch_size": 32, "schedule.max_steps": 150},
+    "vqav2": {"optim.lr": 1e-3, "task.batch_size": 32, "schedule.max_steps": 150, "task.answer_min_count": 1},
+    "nlvr2": {"optim.lr": 1e-3, "task.batch_size": 32, "schedule.max_steps": 150},
+    "coco_retrieval": {"optim.lr": 1e-3, "task.batch_size": 32, "schedule.max_steps": 150},
+    "flickr30k": {"optim.lr": 1e-3, "task.batch_size": 32, "schedule.max_steps": 150},
+    "coco_captioning": {"optim.lr": 1e-3, "task.batch_size": 32, "schedule.max_steps": 150, "task.max_gen_len": 24,
+                        "task.num_beams": 2, "task.drop_worst_after": 100},
+    "nocaps": {"optim.lr": 1e-3, "task.batch_size": 32, "schedule.max_steps": 150, "task.max_gen_len": 24,
+               "task.num_beams": 2, "task.drop_worst_after": 100},
+}
+
+
+def _official(task: str, size: str) -> TrainConfig:
+    from imglish.training.config import (
+        CheckpointConfig,
+        ModelConfig,
+        OptimConfig,
+        ParallelConfig,
+        ScheduleConfig,
+        TaskConfig,
+        TrainConfig,
+        apply_overrides,
+    )
+
+    r = OFFICIAL_RECIPES[(task, size)]
+    suffix, res = _MODEL[task]
+    cfg = TrainConfig(
+        preset=f"{task}_{size}",
+        out=f"runs/{task}_{size}",
+        seed=42,
+        model=ModelConfig(
+            name=f"beit3_{size}_patch16_{res}_{suffix}", img_size=res, patch_size=16, drop_path_rate=r.drop_path
+        ),
+        optim=OptimConfig(
+            lr=r.lr, weight_decay=r.weight_decay, betas=r.betas, eps=1e-8, layer_decay=r.layer_decay, clip_grad=None
+        ),
+        schedule=ScheduleConfig(epochs=r.epochs, warmup_epochs=r.warmup_epochs, min_lr=1e-6, warmup_steps=0),
+        checkpoint=CheckpointConfig(save_every=1000, keep_last=2),
+        parallel=ParallelConfig(precision="bf16", activation_checkpointing=r.checkpointing),
+        task=TaskConfig(name=task, batch_size=r.batch, eval_batch_size=64),
+    )
+    cfg.data.text_vocab_size = 64002
+    cfg.data.num_workers = 8
+    apply_overrides(cfg, dict(r.extra))
+    return cfg
+
+
+def _tiny(task: str) -> TrainConfig:
+    from imglish.training.config import (
+        CheckpointConfig,
+        ModelConfig,
+        OptimConfig,
+        ScheduleConfig,
+        TaskConfig,
+        TrainConfig,
+        apply_overrides,
+    )
+
+    suffix, _ = _MODEL[task]
+    cfg = TrainConfig(
+        preset=f"{task}_tiny",
+        out=f"runs/{task}_tiny",
+        seed=0,
+        model=ModelConfig(name=f"beit3_tiny_patch16_224_{suffix}", img_size=64, patch_size=8),
+        optim=OptimConfig(lr=1e-3, weight_decay=0.05, betas=(0.9, 0.999), eps=1e-8, clip_grad=None),
+        schedule=ScheduleConfig(max_steps=150, warmup_steps=15, min_lr=1e-6),
+        checkpoint=CheckpointConfig(save_every=50, keep_last=2),
+        task=TaskConfig(name=task, eval_batch_size=64),
+    )
+    cfg.data.max_text_len = 32
+    apply_overrides(cfg, _TINY[task])
+    return cfg
+
+
+def task_presets() -> dict[str, typing.Callable[[], TrainConfig]]:
+    """``{preset name: factory}`` for every task: ``<task>_tiny``, ``<task>_base``, ``<task>_large``."""
+    out: dict[str, typing.Callable[[], TrainConfig]] = {}
+    for task in TASK_NAMES:
+        out[f"{task}_tiny"] = lambda t=task: _tiny(t)
+        for size in ("base", "large"):
+            out[f"{task}_{size}"] = lambda t=task, s=size: _official(t, s)
+    return out
