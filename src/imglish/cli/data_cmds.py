@@ -1,4 +1,4 @@
-"""``imglish data ...``: generate the embedded synthetic world, check a dataset folder."""
+"""``imglish data ...``: generate the embedded synthetic world, check a dataset folder, write official index files."""
 
 from __future__ import annotations
 
@@ -44,6 +44,40 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _official_index(args: argparse.Namespace) -> int:
+    from imglish.data.official import OFFICIAL_TASKS, write_official_index
+    from imglish.data.skip import BadRecordCounter
+
+    tasks = OFFICIAL_TASKS if args.task == "all" else tuple(t.strip() for t in args.task.split(",") if t.strip())
+    bad = [t for t in tasks if t not in OFFICIAL_TASKS]
+    if bad or not tasks:
+        raise ValueError(f"unknown task(s) {bad or [args.task]}; expected 'all' or some of {', '.join(OFFICIAL_TASKS)}")
+    if not args.tokenizer:
+        raise ValueError(
+            "--tokenizer SPM is required: official index files hold token ids, and no tokenizer is trained here. "
+            "Pass a SentencePiece .model (e.g. beit3.spm), or train one first with `imglish tokenizer train-text "
+            "--input WORLD/text/train.txt --vocab-size 64 --output spm.model` (the shapes world has a small language)")
+    from imglish.tokenizers.text import TextTokenizer
+
+    tokenizer = TextTokenizer(args.tokenizer)
+    skip = BadRecordCounter()
+    for task in tasks:
+        files = write_official_index(args.world, args.out, task, tokenizer, vqa_min_count=args.vqa_min_count,
+                                     vqa_rest_val=args.vqa_rest_val, seed=args.seed, skip=skip)
+        if not args.quiet:
+            for f in files:
+                with open(f, encoding="utf-8") as fh:
+                    n = sum(1 for _ in fh)
+                print(f"{task}: {f} ({n} lines)")
+    if not args.quiet:
+        print(skip.summary())
+    return 0
+
+
+def _count_or_fraction(text: str) -> int | float:
+    return float(text) if any(c in text for c in ".eE") else int(text)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``data`` command group."""
     data = subparsers.add_parser("data", help="synthetic world generation and dataset checks")
@@ -75,6 +109,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("--strict", action="store_true", help="stop with an error naming the first bad record")
     c.add_argument("--index-only", action="store_true", help="build the indexes without decoding images")
     c.set_defaults(func=_check)
+
+    o = sub.add_parser("official-index",
+                       help="write the official BEiT-3 *.jsonl index files of a task from a world folder")
+    o.add_argument("--world", required=True, help="folder written by `imglish data shapes`")
+    o.add_argument("--out", required=True,
+                   help="output folder: index files plus links to the world's image folders (the --data_path)")
+    o.add_argument("--task", required=True,
+                   help="imagenet, vqav2, nlvr2, coco_retrieval, flickr30k, coco_captioning, nocaps; "
+                        "several comma-separated, or 'all'")
+    o.add_argument("--tokenizer", default=None, metavar="SPM", help="SentencePiece .model for text_segment (required)")
+    o.add_argument("--vqa-min-count", type=int, default=9,
+                   help="least count of a training answer in answer2label.txt (official 9; lower for small worlds)")
+    o.add_argument("--vqa-rest-val", type=_count_or_fraction, default=0.5,
+                   help="images of the val split in vqa.rest_val.jsonl: a count (official 1000) or a fraction "
+                        "(default 0.5)")
+    o.add_argument("--seed", type=int, default=0, help="seed of the rest_val/trainable_val draw (default 0)")
+    o.add_argument("--quiet", action="store_true", help="print nothing")
+    o.set_defaults(func=_official_index)
 
     def _no_sub(args: argparse.Namespace) -> int:
         data.print_help()
