@@ -250,16 +250,18 @@ class Task:
         """What :meth:`score` compares predictions with."""
         raise NotImplementedError
 
-    def score(self, predictions: Any, ground_truth: Any) -> dict[str, float]:
-        """Metrics (percent) of a predictions file against the ground truth; unknown or missing ids raise."""
+    def score(self, predictions: Any, ground_truth: Any, allow_missing: bool = False) -> dict[str, float]:
+        """Metrics (percent) of a predictions file against the ground truth; unknown ids raise, and so do missing
+        ones unless ``allow_missing`` (then only the predicted ids are scored: records skipped as unusable)."""
         raise NotImplementedError
 
     def evaluate_records(
         self, records: Mapping[str, list[dict[str, Any]]], split: str, skip: Any
     ) -> tuple[Any, dict[str, float]]:
-        """``(predictions, metrics)`` of gathered records: by default the submission scored like any file."""
+        """``(predictions, metrics)`` of gathered records: the submission scored like any file, over the records
+        that could be predicted (the skipped ones are counted by the caller)."""
         preds = self.predictions(records, split)
-        return preds, self.score(preds, self.ground_truth(split, skip))
+        return preds, self.score(preds, self.ground_truth(split, skip), allow_missing=True)
 
 
 class TaskSampleMaker:

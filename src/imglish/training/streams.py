@@ -303,6 +303,10 @@ class StepBatches(Dataset):
         skip_counter: an ``imglish.data.BadRecordCounter`` (``report`` and ``absorb``); when absent, or strict, a bad
             record raises.
         max_retries: records tried in a row before giving up on a slot.
+        batch_transform: optional ``(stacked micro-batch of a stream, seed) -> micro-batch`` (mixup, cutmix), with
+            the seed derived from the run's seed, the stream and the micro-batch's position alone.
+
+    ``sources`` may also be a plain mapping ``{stream: records}`` (fine-tuning tasks use one stream).
     """
 
     def __init__(
@@ -316,8 +320,10 @@ class StepBatches(Dataset):
         accum_steps: int = 1,
         skip_counter: Any = None,
         max_retries: int = 100,
+        batch_transform: Callable[[dict[str, torch.Tensor], int], dict[str, torch.Tensor]] | None = None,
     ) -> None:
         self.sources, self.maker, self.seed = sources, maker, seed
+        self.batch_transform = batch_transform
         self.rank, self.world_size, self.accum_steps = rank, world_size, accum_steps
         self.skip_counter, self.max_retries = skip_counter, max_retries
         self.batch_sizes = {}
@@ -330,7 +336,7 @@ class StepBatches(Dataset):
             parts = world_size * accum_steps
             if size % parts:
                 raise ValueError(
-                    f"data.{stream}_batch ({size}) must be divisible by world_size x accum_steps "
+                    f"the {stream} batch ({size}) must be divisible by world_size x accum_steps "
                     f"({world_size} x {accum_steps} = {parts})"
                 )
             self.batch_sizes[stream] = size
@@ -377,7 +383,7 @@ class StepBatches(Dataset):
                 if self.skip_counter is None or getattr(self.skip_counter, "strict", False):
                     raise
                 self._skip(
-                    self.skip_counter.report(f"pretraining/{stream}", index, "unusable sample", repr(err))
+                    self.skip_counter.report(f"{stream} stream", index, "unusable sample", repr(err))
                 )
         raise RuntimeError(f"{stream} stream: {self.max_retries} bad records in a row around slot {slot}")
 
@@ -401,6 +407,8 @@ class StepBatches(Dataset):
         for stream in self.batch_sizes:
             samples = [self.sample(stream, g) for g in self.slots(stream, step, micro)]
             batch[stream] = {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
+            if self.batch_transform is not None:
+                batch[stream] = self.batch_transform(batch[stream], sample_seed(self.seed, stream, int(k), salt=11))
         if self.pending_skipped:  # travels with the batch out of a DataLoader worker; see pop_skipped
             batch[SKIPPED_KEY], self.pending_skipped = self.pending_skipped, []
         return batch
