@@ -153,7 +153,7 @@ _VQA_RULES = ("current", "2017")
 
 
 def vqa_scores(
-    predictions: Sequence[str], answers: Sequence[Sequence[str]], *, rules: str = "current"
+    predictions: Sequence[str], answers: Sequence[Sequence[str]], *, rules: str = "2017"
 ) -> list[float]:
     """Per-question VQA accuracy of the official evaluation (GT-Vision-Lab ``vqaEval.py``), each in 0..1.
 
@@ -166,7 +166,7 @@ def vqa_scores(
       if the human answers are not all identical, the prediction *and* the human answers go through
       :func:`process_punctuation` and :func:`process_digit_article`. When they are all identical nothing is
       processed, so ``"two"`` against ten ``"2"`` (or ``"yes."`` against ten ``"yes"``) scores 0.
-    * ``rules="2017"`` (the v2.0 release, c4e6a0e): the prediction is always stripped and fully processed; the
+    * ``rules="2017"`` (the default; the v2.0 release, c4e6a0e, as the fine-tuning issue specifies it): the prediction is always stripped and fully processed; the
       human answers are not stripped and, only if they are not all identical, go through
       :func:`process_punctuation` alone (no digit/article step, no lower-casing). So ``"two"`` matches ten
       ``"2"``, but a human ``"two"`` among differing answers never matches anything the processing can produce.
@@ -213,7 +213,7 @@ def vqa_scores(
 
 
 def vqa_accuracy(
-    predictions: Sequence[str], answers: Sequence[Sequence[str]], *, rules: str = "current"
+    predictions: Sequence[str], answers: Sequence[Sequence[str]], *, rules: str = "2017"
 ) -> float:
     """VQA accuracy of the official evaluation, in percent: the mean of :func:`vqa_scores` times 100.
 
