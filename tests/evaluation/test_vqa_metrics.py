@@ -109,19 +109,19 @@ def test_period_strip_limit_of_the_official_code():
 def test_differing_answers_are_fully_processed_under_current_rules():
     # Not all identical: predictions and answers both go through punctuation + digit/article processing.
     assert vqa_scores(["Two"], [["2"] * 9 + ["two"]], rules="current") == [1.0]
-    assert vqa_scores(["2"], [["two"] * 3 + ["three"] * 7])[0] == pytest.approx(0.9)
-    assert vqa_scores(["a circle"], [["circle"] * 5 + ["round"] * 5]) == [1.0]
-    assert vqa_scores(["circle"], [["a circle"] * 3 + OTHERS])[0] == pytest.approx(0.9)
-    assert vqa_scores(["dont"], [["don't"] * 3 + OTHERS])[0] == pytest.approx(0.9)
-    assert vqa_scores(["yes."], [["yes"] * 3 + OTHERS])[0] == pytest.approx(0.9)
+    assert vqa_scores(["2"], [["two"] * 3 + ["three"] * 7], rules="current")[0] == pytest.approx(0.9)
+    assert vqa_scores(["a circle"], [["circle"] * 5 + ["round"] * 5], rules="current") == [1.0]
+    assert vqa_scores(["circle"], [["a circle"] * 3 + OTHERS], rules="current")[0] == pytest.approx(0.9)
+    assert vqa_scores(["dont"], [["don't"] * 3 + OTHERS], rules="current")[0] == pytest.approx(0.9)
+    assert vqa_scores(["yes."], [["yes"] * 3 + OTHERS], rules="current")[0] == pytest.approx(0.9)
 
 
 def test_identical_answers_are_compared_raw_under_current_rules():
     # All ten identical: nothing is processed, only stripped, so "two" does not match "2".
-    assert vqa_scores(["two"], [["2"] * 10]) == [0.0]
-    assert vqa_scores(["yes."], [["yes"] * 10]) == [0.0]
-    assert vqa_scores(["Yes"], [["yes"] * 10]) == [0.0]
-    assert vqa_scores([" yes\n"], [["yes"] * 10]) == [1.0]
+    assert vqa_scores(["two"], [["2"] * 10], rules="current") == [0.0]
+    assert vqa_scores(["yes."], [["yes"] * 10], rules="current") == [0.0]
+    assert vqa_scores(["Yes"], [["yes"] * 10], rules="current") == [0.0]
+    assert vqa_scores([" yes\n"], [["yes"] * 10], rules="current") == [1.0]
     assert vqa_scores(["yes"], [["yes "] * 9 + ["yes"]], rules="current") == [1.0]  # stripped before the identity test
 
 
