@@ -35,7 +35,8 @@ def _finetune(args: argparse.Namespace) -> int:
     cfg = build_config(args.preset if args.preset or not args.config else None, args.config, ov, task=args.task)
     summary = finetune(cfg)
     print(f"wrote {summary.model_path}")
-    print(f"{summary.task} {summary.split}: " + ", ".join(f"{k} {v:.2f}" for k, v in summary.metrics.items()))
+    shown = ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.metrics.items())
+    print(f"{summary.task} {summary.split}: {shown}")
     return 0
 
 

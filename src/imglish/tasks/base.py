@@ -154,7 +154,12 @@ class Task:
         if train not in self._transforms:
             from imglish.tokenizers.transforms import build_transform
 
-            over = {} if self.cfg.task.randaug is None else {"randaug": self.cfg.task.randaug}
+            t = self.cfg.task
+            over: dict[str, Any] = {} if t.randaug is None else {"randaug": t.randaug}
+            if t.crop_scale is not None:
+                over["train_scale"] = (t.crop_scale, 1.0)
+            if t.random_erasing is not None and self.transform_task == "imagenet":
+                over["random_erasing"] = t.random_erasing
             self._transforms[train] = build_transform(
                 self.transform_task, self.cfg.model.img_size, train=train, **over
             )

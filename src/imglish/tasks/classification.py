@@ -60,11 +60,19 @@ class ImageNetTask(Task):
 
     @property
     def classes(self) -> list[str]:
+        """Class names in label order: the training split's sorted class folders (official index files: the label
+        numbers ``0..max``)."""
         if "classes" not in self.state:
-            if self._official("train") is not None:
-                raise ValueError("official imagenet index files carry labels only: set task state classes")
-            train = self._split_dir("train")
-            self.state["classes"] = sorted(d.name for d in train.iterdir() if d.is_dir())
+            files = self._official("train")
+            if files is not None:
+                from imglish.data.official import OfficialIndexDataset
+
+                ds = OfficialIndexDataset([str(f) for f in files], self.data_dir, self.name)
+                n = max((int(item["label"]) for item in ds.items), default=-1) + 1
+                self.state["classes"] = [str(i) for i in range(n)]
+            else:
+                train = self._split_dir("train")
+                self.state["classes"] = sorted(d.name for d in train.iterdir() if d.is_dir())
         return self.state["classes"]
 
     def dataset(self, split: str, skip: Any) -> Sequence[Any]:
@@ -73,11 +81,7 @@ class ImageNetTask(Task):
         if files is not None:
             from imglish.data.official import OfficialIndexDataset
 
-            ds = OfficialIndexDataset([str(f) for f in files], self.data_dir, self.name, skip=skip)
-            if "classes" not in self.state:
-                n = max((int(r["label"]) for r in ds.entries), default=-1) + 1 if hasattr(ds, "entries") else 1000
-                self.state["classes"] = [str(i) for i in range(n)]
-            return ds
+            return OfficialIndexDataset([str(f) for f in files], self.data_dir, self.name, skip=skip)
         from imglish.data import ImageFolderDataset
 
         return ImageFolderDataset(self._split_dir(split), classes=self.classes, skip=skip)
@@ -145,10 +149,18 @@ class ImageNetTask(Task):
         ]
 
     def _relative(self, path: str, split: str) -> str:
-        try:
-            return Path(path).relative_to(self._split_dir(split)).as_posix()
-        except (ValueError, FileNotFoundError):
-            return Path(path).as_posix()
+        """The id of an image in predictions files: its path relative to the split folder (official index files:
+        relative to the data folder, as ``image_path``)."""
+        p = Path(path)
+        bases = [Path(self.data_dir)]
+        if self._official(split) is None:
+            bases.insert(0, self._split_dir(split))
+        for base in bases:
+            try:
+                return p.resolve().relative_to(base.resolve()).as_posix()
+            except ValueError:
+                continue
+        return p.as_posix()
 
     def predictions(self, records: Mapping[str, list[dict[str, Any]]], split: str) -> list[dict[str, Any]]:
         return [
@@ -160,7 +172,7 @@ class ImageNetTask(Task):
         ds = self.dataset(split, skip)
         if hasattr(ds, "samples"):
             return {self._relative(str(p), split): int(label) for p, label in ds.samples}
-        return {self._relative(str(r["path"]), split): int(r["label"]) for r in ds.entries}
+        return {self._relative(str(Path(self.data_dir) / it["image_path"]), split): int(it["label"]) for it in ds.items}
 
     def score(self, predictions: Any, ground_truth: Mapping[str, int], allow_missing: bool = False) -> dict[str, float]:
         from imglish.tasks.scoring import check_ids, records_by

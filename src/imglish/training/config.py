@@ -289,6 +289,9 @@ class TaskConfig:
         cutmix: cutmix alpha (imagenet; 0 disables it). With both on, each batch uses one of the two at random.
         randaug: RandAugment in the training transform; ``None`` follows the recipe (on for imagenet, vqav2 and
             the captioning tasks, off for nlvr2 and retrieval).
+        crop_scale: smallest area share of the training RandomResizedCrop; ``None`` follows the recipe (imagenet
+            0.08, the vision-language tasks 0.5).
+        random_erasing: RandomErasing probability of the imagenet training transform; ``None``: the recipe's 0.25.
         head_lr_weight: learning-rate factor of parameters whose name starts with ``head`` (VQA recipe: 20).
         answer_min_count: VQA: answers of the training split kept in the vocabulary (official: 9).
         mask_prob: captioning: share of caption tokens masked in training (recipes: 0.7).
@@ -312,6 +315,8 @@ class TaskConfig:
     mixup: float = 0.0
     cutmix: float = 0.0
     randaug: bool | None = None
+    crop_scale: float | None = None
+    random_erasing: float | None = None
     head_lr_weight: float = 1.0
     answer_min_count: int = 9
     mask_prob: float = 0.7
@@ -470,6 +475,10 @@ class TrainConfig:
             raise ValueError(f"task.mask_prob must be in (0, 1], got {t.mask_prob}")
         if t.mixup < 0 or t.cutmix < 0:
             raise ValueError(f"task.mixup and task.cutmix must be >= 0, got {t.mixup} and {t.cutmix}")
+        if t.crop_scale is not None and not 0.0 < t.crop_scale <= 1.0:
+            raise ValueError(f"task.crop_scale must be in (0, 1], got {t.crop_scale}")
+        if t.random_erasing is not None and not 0.0 <= t.random_erasing <= 1.0:
+            raise ValueError(f"task.random_erasing must be in [0, 1], got {t.random_erasing}")
         if t.head_lr_weight <= 0:
             raise ValueError(f"task.head_lr_weight must be > 0, got {t.head_lr_weight}")
         if t.max_gen_len < 3:

@@ -213,6 +213,8 @@ def run_evaluation(
         skip=skip,
         progress=progress,
     )
+    if skip.total and not any(records.values()):
+        raise ValueError(f"every record of the {split} split of {task.name} was skipped: {skip.summary()}")
     predictions, metrics = task.evaluate_records(records, split, BadRecordCounter())
     result = EvalResult(
         task=task.name, split=split, metrics=metrics, predictions=predictions, skipped=skip.total,
@@ -297,7 +299,9 @@ def evaluate(
     info = parallel.init_distributed(cfg.parallel.backend, device)
     if cfg.parallel.threads > 0:
         torch.set_num_threads(cfg.parallel.threads)
-    task_obj, net = load_task_and_model(cfg, checkpoint, model_name=model)
+    sizes = {k.split(".")[1]: getattr(cfg.model, k.split(".")[1]) for k in ("model.img_size", "model.patch_size")
+             if k in ov}
+    task_obj, net = load_task_and_model(cfg, checkpoint, model_name=model, size_overrides=sizes)
     net = net.to(device)
     result = run_evaluation(task_obj, net, split, device=device, dist_info=info, out=out, progress=progress)
     return result

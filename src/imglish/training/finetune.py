@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -169,11 +170,17 @@ def _read_task_state(checkpoint: str | os.PathLike) -> dict[str, Any] | None:
     return data.get("state")
 
 
-def load_task_and_model(cfg: TrainConfig, checkpoint: str | os.PathLike, model_name: str | None = None) -> tuple[Any, nn.Module]:
+def load_task_and_model(
+    cfg: TrainConfig,
+    checkpoint: str | os.PathLike,
+    model_name: str | None = None,
+    size_overrides: Mapping[str, Any] | None = None,
+) -> tuple[Any, nn.Module]:
     """The task and the model of a checkpoint to evaluate or predict with.
 
     An imglish file rebuilds the model it records (its task must be ``cfg.task.name``'s); an official ``.pth`` is
-    loaded into ``model_name`` (or ``cfg.model.name``).
+    loaded into ``model_name`` (or ``cfg.model.name``) at that name's resolution, or at ``size_overrides``
+    (``img_size``, ``patch_size``) when given.
 
     Raises:
         ValueError: for a checkpoint of another task or a model it does not fit, naming the file and both layouts.
@@ -184,7 +191,21 @@ def load_task_and_model(cfg: TrainConfig, checkpoint: str | os.PathLike, model_n
     checkpoint = str(checkpoint)
     if not Path(checkpoint).is_file():
         raise FileNotFoundError(f"checkpoint {checkpoint!r} does not exist")
+    from imglish.training.recipes import model_task_of
+
     _, meta = read_checkpoint(checkpoint)
+    expected = model_task_of(cfg.task.name)
+    ours = meta.get("format") == "imglish/1" and model_name is None
+    if ours and meta.get("task") != expected:
+        raise ValueError(
+            f"{checkpoint} holds a {meta.get('task')!r} model ({meta.get('model_name')}); task {cfg.task.name!r} "
+            f"needs a {expected!r} model"
+        )
+    if not ours:
+        name = model_name or cfg.model.name
+        found = imglish.get_model_info(name).task
+        if found != expected:
+            raise ValueError(f"--model {name!r} is a {found} model; task {cfg.task.name!r} needs a {expected} model")
     tokenizer = None
     from imglish.tasks import get_task
 
@@ -193,33 +214,29 @@ def load_task_and_model(cfg: TrainConfig, checkpoint: str | os.PathLike, model_n
         tokenizer = resolve_text_tokenizer(cfg, checkpoint, train=False)
     state = _read_task_state(checkpoint)
     task = make_task(cfg, tokenizer, state)
-    if meta.get("format") == "imglish/1" and model_name is None:
-        found = meta.get("task")
-        if found != task.model_task:
-            raise ValueError(
-                f"{checkpoint} holds a {found!r} model ({meta.get('model_name')}); task {task.name!r} needs a "
-                f"{task.model_task!r} model"
-            )
+    if ours:
         model = imglish.create_model(None, pretrained=checkpoint)
-        cfg.model.img_size = model.config.img_size
-        cfg.model.patch_size = model.config.patch_size
+        _sizes_from_model(cfg, model)
+        task._transforms.clear()
         return task, model
-    name = model_name or cfg.model.name
-    info = imglish.get_model_info(name)
-    if info.task != task.model_task:
-        raise ValueError(f"--model {name!r} is a {info.task} model; task {task.name!r} needs a {task.model_task} model")
-    over: dict[str, Any] = {}
-    if model_name is None:
+    over: dict[str, Any] = dict(size_overrides or {})
+    if model_name is None and not over:
         over = {"img_size": cfg.model.img_size, "patch_size": cfg.model.patch_size}
     kwargs = task.model_kwargs()
     try:
         model = imglish.create_model(name, pretrained=checkpoint, **over, **kwargs)
     except ValueError as err:
         raise ValueError(f"{checkpoint} does not fit the model {name!r}:\n{err}") from None
-    cfg.model.img_size = model.config.img_size
-    cfg.model.patch_size = model.config.patch_size
+    _sizes_from_model(cfg, model)
     task._transforms.clear()
     return task, model
+
+
+def _sizes_from_model(cfg: TrainConfig, model: nn.Module) -> None:
+    """The image and patch size the model was built for, as the (square) sizes the transforms take."""
+    img, patch = model.config.img_size, model.config.patch_size
+    cfg.model.img_size = int(img if isinstance(img, int) else img[0])
+    cfg.model.patch_size = int(patch if isinstance(patch, int) else patch[0])
 
 
 # --------------------------------------------------------------------------------------------- data

@@ -30,6 +30,13 @@ _MODEL = {
 TASK_NAMES = tuple(_MODEL)
 
 
+def model_task_of(task: str) -> str:
+    """The registry suffix of a fine-tuning task's model (``imagenet`` -> ``imageclassification``)."""
+    if task not in _MODEL:
+        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASK_NAMES)}")
+    return _MODEL[task][0]
+
+
 @dataclass(frozen=True)
 class Recipe:
     """One official recipe row (spec §7)."""

@@ -353,7 +353,8 @@ class Trainer:
             metrics = self.evaluator(self)
         self.loss_module.train()
         if self.dist.is_main:
-            row = {"step": self.step, **{f"eval/{k}": float(v) for k, v in metrics.items()}}
+            numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+            row = {"step": self.step, **{f"eval/{k}": v for k, v in numeric.items()}}
             self.history.append(row)
             with open(hist_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -361,7 +362,7 @@ class Trainer:
                 for k, v in row.items():
                     if k != "step":
                         writer.add_scalar(k, v, self.step)
-            msg = "step {}: {}".format(self.step, ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+            msg = "step {}: {}".format(self.step, ", ".join(f"{k} {v:.2f}" for k, v in numeric.items()))
             if bar is not None:
                 bar.write(msg)
         return metrics
@@ -397,7 +398,10 @@ class Trainer:
 
             bar = tqdm(total=max_steps, initial=self.step, desc=self.desc, unit="step", dynamic_ncols=True)
         loader = make_step_loader(self.dataset, self.step, max_steps, cfg.data.num_workers)
-        it = iter(loader)
+        # Starting a DataLoader draws a base seed from torch's global RNG; samples are seeded by their slot anyway, so
+        # keep that draw away from the stream the model's own randomness (drop path) reads, which a resume restores.
+        with torch.random.fork_rng(devices=[]):
+            it = iter(loader)
         samples_per_step = sum(self.dataset.batch_sizes.values())
         start_step, t0 = self.step, time.perf_counter()
         stopped_early = False

@@ -1,0 +1,60 @@
+"""imagenet: a tiny fine-tune learns far above the majority class; scoring refuses partial files; mixup is seeded."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+import torch
+
+from imglish.training.config import build_config
+from imglish.training.evaluate import score
+from imglish.training.finetune import finetune
+from tests.tasks.conftest import tiny_overrides
+
+
+@pytest.fixture(scope="module")
+def imagenet_run(task_world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("imagenet_run")
+    cfg = build_config("tiny", None, tiny_overrides(task_world, out, **{
+        "schedule.max_steps": 120, "task.randaug": False, "optim.lr": 2e-3}), task="imagenet")
+    return finetune(cfg), out
+
+
+def test_imagenet_learns_above_majority(imagenet_run, task_world):
+    summary, out = imagenet_run
+    labels = [p.parent.name for p in (task_world / "imagenet" / "val").rglob("*.JPEG")]
+    majority = 100.0 * Counter(labels).most_common(1)[0][1] / len(labels)
+    assert summary.metrics["acc1"] > majority + 15, (summary.metrics, majority)
+    assert summary.metrics["acc5"] >= summary.metrics["acc1"]
+    doc = json.loads((out / "metrics.json").read_text())
+    assert doc["task"] == "imagenet" and doc["split"] == "val" and set(doc["metrics"]) == {"acc1", "acc5"}
+    for name in ("model.safetensors", "processor.json", "predictions.json", "history.jsonl", "task.json"):
+        assert (out / name).is_file(), name
+
+
+def test_score_file_equals_evaluation_and_refuses_partial(imagenet_run, task_world, tmp_path):
+    summary, out = imagenet_run
+    preds = json.loads((out / "predictions.json").read_text())
+    doc = score("imagenet", task_world, out / "predictions.json", split="val")
+    assert doc["metrics"] == pytest.approx(summary.metrics)
+    with pytest.raises(ValueError, match="no prediction"):
+        score("imagenet", task_world, preds[1:], split="val")
+    bad = [dict(preds[0], image="nope/x.JPEG")] + preds[1:]
+    with pytest.raises(ValueError, match="unknown image"):
+        score("imagenet", task_world, bad, split="val")
+
+
+def test_mixup_cutmix_seeded_and_smoothed(task_world, tmp_path):
+    from imglish.tasks import get_task
+
+    cfg = build_config("tiny", None, tiny_overrides(task_world, tmp_path, **{
+        "task.mixup": 0.8, "task.cutmix": 1.0, "task.label_smoothing": 0.1}), task="imagenet")
+    task = get_task("imagenet")(cfg, task_world)
+    batch = {"image": torch.rand(4, 3, 64, 64), "label": torch.tensor([0, 1, 2, 3])}
+    a, b = task.batch_transform(dict(batch), 7), task.batch_transform(dict(batch), 7)
+    assert torch.equal(a["image"], b["image"]) and torch.equal(a["target"], b["target"])
+    assert torch.allclose(a["target"].sum(-1), torch.ones(4))
+    assert float(a["target"].min()) >= 0.1 / task.num_classes - 1e-6  # smoothing floor
+    assert not torch.equal(a["image"], batch["image"])
