@@ -36,6 +36,11 @@ _EXPORTS: dict[str, str] = {
     "build_config": "imglish.training.config",
     "TrainConfig": "imglish.training.config",
     "quickstart": "imglish.training.quickstart",
+    # fine-tuning and evaluation
+    "finetune": "imglish.training.finetune",
+    "evaluate": "imglish.training.evaluate",
+    "score": "imglish.training.evaluate",
+    "list_tasks": "imglish.tasks",
 }
 
 __all__ = sorted(_EXPORTS)

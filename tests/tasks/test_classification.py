@@ -17,8 +17,7 @@ from tests.tasks.conftest import tiny_overrides
 @pytest.fixture(scope="module")
 def imagenet_run(task_world, tmp_path_factory):
     out = tmp_path_factory.mktemp("imagenet_run")
-    cfg = build_config("tiny", None, tiny_overrides(task_world, out, **{
-        "schedule.max_steps": 120, "task.randaug": False, "optim.lr": 2e-3}), task="imagenet")
+    cfg = build_config("tiny", None, tiny_overrides(task_world, out, **{"schedule.max_steps": 120}), task="imagenet")
     return finetune(cfg), out
 
 
@@ -26,7 +25,7 @@ def test_imagenet_learns_above_majority(imagenet_run, task_world):
     summary, out = imagenet_run
     labels = [p.parent.name for p in (task_world / "imagenet" / "val").rglob("*.JPEG")]
     majority = 100.0 * Counter(labels).most_common(1)[0][1] / len(labels)
-    assert summary.metrics["acc1"] > majority + 15, (summary.metrics, majority)
+    assert summary.metrics["acc1"] > max(2 * majority, majority + 8), (summary.metrics, majority)
     assert summary.metrics["acc5"] >= summary.metrics["acc1"]
     doc = json.loads((out / "metrics.json").read_text())
     assert doc["task"] == "imagenet" and doc["split"] == "val" and set(doc["metrics"]) == {"acc1", "acc5"}

@@ -24,11 +24,18 @@ def _print_metrics(doc: dict) -> None:
     print(json.dumps(doc, indent=1))
 
 
+def _task_overrides(args: argparse.Namespace) -> dict[str, str]:
+    ov = _overrides(args)
+    if getattr(args, "strict", False):
+        ov["data.strict"] = "true"
+    return ov
+
+
 def _finetune(args: argparse.Namespace) -> int:
     from imglish.training.config import build_config
     from imglish.training.finetune import finetune
 
-    ov = _overrides(args)
+    ov = _task_overrides(args)
     if args.init is not None:
         ov["model.init_from"] = args.init
     ov["task.name"] = args.task
@@ -43,7 +50,7 @@ def _finetune(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from imglish.training.evaluate import evaluate, metrics_document
 
-    ov = _overrides(args)
+    ov = _task_overrides(args)
     ov.pop("out", None)
     ov.pop("data.path", None)
     result = evaluate(args.task, args.data, args.checkpoint, args.out, split=args.split, model=args.model,
@@ -85,6 +92,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT")
     p.add_argument("--precision", choices=("fp32", "bf16"), default=None, help="fp32 or bf16 autocast")
     p.add_argument("--seed", type=int, default=None, help="seed of every random choice")
+    p.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
     _add_config_keys(p)
     p.set_defaults(func=_finetune)
 
@@ -104,6 +112,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--model", default=None, help="registered model name for an official checkpoint")
     e.add_argument("--preset", default=None, help="task preset whose evaluation knobs apply (default tiny)")
     e.add_argument("--precision", choices=("fp32", "bf16"), default=None)
+    e.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
     _add_config_keys(e)
     e.set_defaults(func=_evaluate)
 

@@ -303,7 +303,8 @@ def finetune(
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.json")
-    vocab = tokenizer.vocab_size if tokenizer is not None else None
+    # image-only tasks from scratch: the (unused) text embedding gets data.text_vocab_size rows, not 64010
+    vocab = tokenizer.vocab_size if tokenizer is not None else cfg.data.text_vocab_size
     model = build_task_model(cfg, task, vocab, init)
     dataset = StepBatches(
         {STREAM: train},

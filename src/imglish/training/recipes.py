@@ -84,7 +84,9 @@ OFFICIAL_RECIPES: dict[tuple[str, str], Recipe] = {
 
 # The tiny recipes: the tiny model at 64 pixels (patch 8) on the embedded world, a fixed number of steps.
 _TINY: dict[str, dict[str, typing.Any]] = {
-    "imagenet": {"optim.lr": 2e-3, "task.batch_size": 32, "schedule.max_steps": 150},
+    # 64-pixel scenes whose class is the largest shape: lighter augmentation than the ImageNet recipe
+    "imagenet": {"optim.lr": 3e-3, "task.batch_size": 32, "schedule.max_steps": 150, "task.randaug": False,
+                 "task.crop_scale": 0.5, "task.random_erasing": 0.0},
     "vqav2": {"optim.lr": 1e-3, "task.batch_size": 32, "schedule.max_steps": 150, "task.answer_min_count": 1},
     "nlvr2": {"optim.lr": 1e-3, "task.batch_size": 32, "schedule.max_steps": 150},
     "coco_retrieval": {"optim.lr": 1e-3, "task.batch_size": 32, "schedule.max_steps": 150},
