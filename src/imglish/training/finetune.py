@@ -323,8 +323,10 @@ def finetune(
             return trainer.model
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+        from imglish.model.heads import TASK_MODELS
+
         full = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True))
-        copy = build_task_model(cfg, task, vocab, None).to(device)
+        copy = TASK_MODELS[task.model_task](trainer.model.config, **task.model_kwargs()).to(device)
         copy.load_state_dict({k: v.detach() for k, v in full.items()})
         return copy
 
