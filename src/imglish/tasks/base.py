@@ -122,6 +122,9 @@ class Task:
     #: the metric that ranks checkpoints (``metrics.json`` key)
     main_metric: ClassVar[str] = ""
     splits: ClassVar[tuple[str, ...]] = ("train", "val", "test")
+    #: DDP must look for parameters without gradient: a fine-tuning model never uses the vision ``mask_token`` (and
+    #: an image-only task none of the text expert's weights)
+    find_unused_parameters: ClassVar[bool] = True
 
     def __init__(
         self, cfg: TrainConfig, data_dir: Any = None, tokenizer: Any = None, state: Mapping[str, Any] | None = None

@@ -160,7 +160,9 @@ class Trainer:
         if self.strategy == "fsdp":
             parallel.apply_fsdp(self.loss_module, self.model)
         elif self.strategy == "ddp":
-            self.step_module = parallel.apply_ddp(self.loss_module, self.device)
+            self.step_module = parallel.apply_ddp(
+                self.loss_module, self.device, find_unused_parameters=getattr(task, "find_unused_parameters", False)
+            )
         self.optimizer = build_optimizer(
             self.model,
             cfg.optim.lr,
