@@ -26,9 +26,11 @@ submodule, so tokenizer state dicts never contain ``teacher.*``/``scaling_layer.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -338,8 +340,26 @@ def _l2norm(t: torch.Tensor) -> torch.Tensor:
     return F.normalize(t, p=2, dim=-1)
 
 
+_COLLECTIVES = contextvars.ContextVar("imglish_vqkd_collectives", default=True)
+
+
+@contextlib.contextmanager
+def local_training() -> Iterator[None]:
+    """Inside this block the quantizer enters no collective even when a process group exists: for a tokenizer
+    trained by one rank alone (``imglish pretrain`` under torchrun trains it on rank 0 while the others wait)."""
+    token = _COLLECTIVES.set(False)
+    try:
+        yield
+    finally:
+        _COLLECTIVES.reset(token)
+
+
+def _distributed() -> bool:
+    return _COLLECTIVES.get() and dist.is_available() and dist.is_initialized()
+
+
 def _all_reduce(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
+    if _distributed():
         dist.all_reduce(t)
     return t
 
@@ -436,7 +456,7 @@ class NormEMAQuantizer(nn.Module):
             return 0
         pick = torch.randint(0, samples.shape[0], (n,), generator=generator, device="cpu").to(samples.device)
         new = samples[pick].to(self.embedding.weight.dtype)
-        if dist.is_available() and dist.is_initialized():
+        if _distributed():
             dist.broadcast(new, 0)
         self.embedding.weight[dead.to(self.embedding.weight.device)] = _l2norm(new)
         return n
@@ -474,7 +494,7 @@ class NormEMAQuantizer(nn.Module):
             with torch.no_grad():
                 means, counts = spherical_kmeans(flat.detach(), self.n_code)
                 means = means.contiguous()
-                if dist.is_available() and dist.is_initialized():
+                if _distributed():
                     dist.broadcast(means, 0)
                 self.embedding.weight.copy_(means)
                 self.embedding.cluster_size.copy_(counts.to(means.dtype))

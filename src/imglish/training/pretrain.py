@@ -125,7 +125,6 @@ def prepare_visual_tokenizer(cfg: TrainConfig, image_dir: Path | None, is_main: 
     ``data.visual_tokenizer_codes`` codes, trained for ``data.visual_tokenizer_steps`` steps on the image folder.
     """
     from imglish.tokenizers.vqkd import load_vqkd
-    from imglish.tokenizers.vqkd_train import VisualTokenizerTrainConfig, train_visual_tokenizer
 
     if cfg.data.visual_tokenizer:
         path = Path(cfg.data.visual_tokenizer)
@@ -139,20 +138,10 @@ def prepare_visual_tokenizer(cfg: TrainConfig, image_dir: Path | None, is_main: 
                 raise ValueError(
                     "no visual tokenizer given (data.visual_tokenizer) and no image folder to train one"
                 )
-            train_visual_tokenizer(
-                VisualTokenizerTrainConfig(
-                    images=str(image_dir),
-                    out=str(folder),
-                    model_overrides={
-                        "img_size": cfg.model.img_size,
-                        "patch_size": cfg.model.patch_size,
-                        "n_code": cfg.data.visual_tokenizer_codes,
-                    },
-                    steps=cfg.data.visual_tokenizer_steps,
-                    seed=cfg.seed,
-                    progress=cfg.logging.progress,
-                )
-            )
+            from imglish.tokenizers.vqkd import local_training
+
+            with local_training():  # rank 0 alone: no collective the waiting ranks would never enter
+                _train_visual(cfg, image_dir, folder)
         parallel.barrier()
     model, _ = load_vqkd(path)
     grid = model.config.img_size // model.config.patch_size
@@ -163,6 +152,24 @@ def prepare_visual_tokenizer(cfg: TrainConfig, image_dir: Path | None, is_main: 
         )
     return model
 
+
+def _train_visual(cfg: TrainConfig, image_dir: Path, folder: Path) -> None:
+    from imglish.tokenizers.vqkd_train import VisualTokenizerTrainConfig, train_visual_tokenizer
+
+    train_visual_tokenizer(
+        VisualTokenizerTrainConfig(
+            images=str(image_dir),
+            out=str(folder),
+            model_overrides={
+                "img_size": cfg.model.img_size,
+                "patch_size": cfg.model.patch_size,
+                "n_code": cfg.data.visual_tokenizer_codes,
+            },
+            steps=cfg.data.visual_tokenizer_steps,
+            seed=cfg.seed,
+            progress=cfg.logging.progress,
+        )
+    )
 
 def prepare_precomputed_targets(
     cfg: TrainConfig, sources: StreamSources, visual_tokenizer: nn.Module, is_main: bool = True

@@ -1,0 +1,30 @@
+"""`imglish pretrain` under torchrun from an empty run folder: rank 0 trains the tokenizers alone (no collective the
+other rank would never enter) and both ranks then pretrain. This used to hang in the VQ-KD k-means broadcast."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from imglish.data.synthetic import WorldConfig, generate_world
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_two_process_pretrain_trains_its_tokenizers_without_hanging(tmp_path):
+    world = tmp_path / "world"
+    generate_world(WorldConfig(num_images=40, seed=2, workers=1, formats=("coco", "imagenet", "text")), world)
+    run = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "imglish.cli.main", "pretrain", "--preset", "tiny", "--data", str(world), "--out", str(run),
+           "--max-steps", "2", "--data.visual_tokenizer_steps", "3", "--data.image_batch", "4", "--data.text_batch", "4",
+           "--data.pair_batch", "4", "--parallel.backend", "gloo", "--parallel.device", "cpu",
+           "--logging.progress", "false", "--logging.tensorboard", "false", "--parallel.threads", "1"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (run / "tokenizers" / "vqkd" / "vqkd.safetensors").is_file()
+    assert (run / "tokenizers" / "text.model").is_file()
+    assert (run / "model.safetensors").is_file()
