@@ -146,13 +146,15 @@ def build_official(settings: Settings, workload: Workload, img_size: int) -> nn.
     return OfficialBEiT3(args)
 
 
-def build_imglish(settings: Settings, workload: Workload, img_size: int, weights: dict | None = None) -> nn.Module:
-    """imglish's bare backbone model; `weights` (an official state dict) is loaded through our loader."""
+def build_imglish(settings: Settings, workload: Workload, img_size: int, weights: dict | None = None,
+                  model_cls: type[nn.Module] | None = None, **model_kwargs) -> nn.Module:
+    """imglish's bare backbone model (or the task model `model_cls(config, **model_kwargs)`); `weights` (an
+    official state dict) is loaded through our loader and must load cleanly."""
     from imglish.model import BEiT3Config, BEiT3Model, load_checkpoint
 
     dims = model_dims(settings)
     config = BEiT3Config(**dims, img_size=img_size, normalize_output=workload.normalize_output)
-    model = BEiT3Model(config)
+    model = (model_cls or BEiT3Model)(config, **model_kwargs)
     model.set_grad_checkpointing(settings.imglish_recompute)
     if weights is not None:
         report = load_checkpoint(model, weights)
@@ -380,6 +382,21 @@ def check_bf16(settings: Settings, quick: bool) -> dict:
     return result
 
 
+def abba_times(steps: dict[str, Callable[[], None]], warmup: int, repeats: int) -> dict[str, list[float]]:
+    """Seconds of every timed call of `steps[impl]` for each implementation in IMPLS: `warmup` untimed calls of
+    each first, then `repeats` timed rounds alternating the order (ABBA), so a drift of the machine's load hits
+    both sides alike."""
+    for _ in range(warmup):
+        for impl in IMPLS:
+            steps[impl]()
+    times: dict[str, list[float]] = {impl: [] for impl in IMPLS}
+    for rep in range(repeats):
+        order = IMPLS if rep % 2 == 0 else IMPLS[::-1]
+        for impl in order:
+            times[impl].append(timed(steps[impl]))
+    return times
+
+
 def run_timings(settings: Settings, log: Callable[[str], None]) -> tuple[list[dict], dict]:
     rows, agreement = [], {}
     for name in settings.workloads:
@@ -394,14 +411,7 @@ def run_timings(settings: Settings, log: Callable[[str], None]) -> tuple[list[di
             for dtype in settings.dtypes:
                 steps = {impl: make_step(pair[impl], mode, dtype, data, settings.fused_adamw, adamw_for(settings, impl))
                          for impl in IMPLS}
-                for _ in range(settings.warmup):
-                    for impl in IMPLS:
-                        steps[impl]()
-                times: dict[str, list[float]] = {impl: [] for impl in IMPLS}
-                for rep in range(settings.repeats):
-                    order = IMPLS if rep % 2 == 0 else IMPLS[::-1]  # ABBA: both see the same load drift
-                    for impl in order:
-                        times[impl].append(timed(steps[impl]))
+                times = abba_times(steps, settings.warmup, settings.repeats)
                 row = {"workload": name, "mode": mode, "dtype": dtype, "batch": batch_size,
                        "flops": flops[mode], "times": times}
                 for impl in IMPLS:
@@ -705,14 +715,15 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def update_doc(doc: Path, block: str) -> None:
-    """Replace the text between the bench markers of `doc` (which must contain both markers)."""
+def update_doc(doc: Path, block: str, begin: str = DOC_BEGIN, end: str = DOC_END) -> None:
+    """Replace the text between the `begin` and `end` markers of `doc` (which must contain both; by default the
+    bench markers)."""
     text = doc.read_text()
-    if DOC_BEGIN not in text or DOC_END not in text:
-        raise ValueError(f"{doc} has no {DOC_BEGIN} ... {DOC_END} block to replace")
-    head, rest = text.split(DOC_BEGIN, 1)
-    _, tail = rest.split(DOC_END, 1)
-    _atomic_write(doc, f"{head}{DOC_BEGIN}\n{block}{DOC_END}{tail}")
+    if begin not in text or end not in text:
+        raise ValueError(f"{doc} has no {begin} ... {end} block to replace")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    _atomic_write(doc, f"{head}{begin}\n{block}{end}{tail}")
 
 
 # ---------------------------------------------------------------------------------------------------- main

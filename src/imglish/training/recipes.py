@@ -89,8 +89,10 @@ _TINY: dict[str, dict[str, typing.Any]] = {
                  "task.crop_scale": 0.5, "task.random_erasing": 0.0},
     "vqav2": {"optim.lr": 1e-3, "task.batch_size": 32, "schedule.max_steps": 150, "task.answer_min_count": 1},
     "nlvr2": {"optim.lr": 1e-3, "task.batch_size": 32, "schedule.max_steps": 150},
-    "coco_retrieval": {"optim.lr": 1e-3, "task.batch_size": 32, "schedule.max_steps": 150},
-    "flickr30k": {"optim.lr": 1e-3, "task.batch_size": 32, "schedule.max_steps": 150},
+    # retrieval from scratch: a dual encoder collapses to constant features (loss stuck at ln(batch)) at 1e-3;
+    # a low lr and a larger batch (more negatives) learn, and patch 16 (16 image tokens) keeps it quick
+    "coco_retrieval": {"optim.lr": 5e-5, "task.batch_size": 64, "schedule.max_steps": 150, "model.patch_size": 16},
+    "flickr30k": {"optim.lr": 5e-5, "task.batch_size": 64, "schedule.max_steps": 150, "model.patch_size": 16},
     "coco_captioning": {"optim.lr": 1e-3, "task.batch_size": 32, "schedule.max_steps": 150, "task.max_gen_len": 24,
                         "task.num_beams": 2, "task.drop_worst_after": 100},
     "nocaps": {"optim.lr": 1e-3, "task.batch_size": 32, "schedule.max_steps": 150, "task.max_gen_len": 24,
