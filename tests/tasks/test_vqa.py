@@ -19,9 +19,11 @@ from imglish.training.evaluate import evaluate, score
 from imglish.training.finetune import finetune
 from tests.tasks.conftest import tiny_overrides
 
-# Quick enough for 1 thread: 32-pixel images (16 patches) and no RandAugment.
-_QUICK = {"schedule.max_steps": 60, "schedule.warmup_steps": 6, "task.randaug": False, "model.img_size": 32,
-          "optim.lr": 2e-3}
+# Quick enough for 1 thread: 64-pixel images in 16-pixel patches (16 of them), no RandAugment.
+_QUICK = {"schedule.max_steps": 120, "schedule.warmup_steps": 5, "task.batch_size": 16, "task.randaug": False,
+          "model.patch_size": 16, "data.max_text_len": 24, "optim.lr": 1e-3}
+# evaluation from the checkpoint must read questions as training did
+_EVAL = {"parallel.threads": 1, "data.max_text_len": 24}
 
 
 def _split_ids(world: Path, split: str) -> set[int]:
@@ -88,14 +90,14 @@ def test_vocab_in_task_json_and_evaluate_reproduces(vqa_run, task_world, tmp_pat
     answers = state["state"]["answers"]
     assert answers == build_answer_vocab([task_world / "vqav2" / "v2_mscoco_train2014_annotations.json"], 1)
     res = evaluate("vqav2", task_world, out / "model.safetensors", tmp_path / "val", progress=False,
-                   overrides={"parallel.threads": 1})
+                   overrides=_EVAL)
     assert res.metrics == pytest.approx(summary.metrics)
     assert (tmp_path / "val" / "predictions.json").read_text() == (out / "predictions.json").read_text()
     test = evaluate("vqav2", task_world, out / "model.safetensors", tmp_path / "test", split="test", progress=False,
-                    overrides={"parallel.threads": 1})
+                    overrides=_EVAL)
     preds = json.loads((tmp_path / "test" / "predictions.json").read_text())
     assert sorted(p["question_id"] for p in preds) == sorted(_human_answers(task_world, "test"))
-    assert set(p["answer"] for p in preds) <= set(answers)
+    assert {p["answer"] for p in preds} <= set(answers)
     assert "vqa_accuracy" in test.metrics  # the world's test questions have answers (val2014)
 
 
@@ -156,7 +158,7 @@ def _copy_vqa_world(world: Path, dst: Path, with_world_json: bool = True) -> Pat
 
 
 def test_val_question_without_answers_is_skipped_and_counted(vqa_run, task_world, tmp_path):
-    summary, out = vqa_run
+    _, out = vqa_run
     broken = _copy_vqa_world(task_world, tmp_path / "broken")
     path = broken / "vqav2" / "v2_mscoco_val2014_annotations.json"
     data = json.loads(path.read_text())
@@ -170,7 +172,7 @@ def test_val_question_without_answers_is_skipped_and_counted(vqa_run, task_world
     assert skip.counts == {"no answers": 1}
     assert victim["question_id"] not in task.ground_truth("val", BadRecordCounter())
     res = evaluate("vqav2", broken, out / "model.safetensors", tmp_path / "eval", progress=False,
-                   overrides={"parallel.threads": 1})
+                   overrides=_EVAL)
     doc = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert doc["skipped"] == 1 and doc["bad_records"] == {"no answers": 1} and res.skipped == 1
     assert 0 <= res.metrics["vqa_accuracy"] <= 100
