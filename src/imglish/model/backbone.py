@@ -315,6 +315,26 @@ class BEiT3(nn.Module):
         nn.init.normal_(self.vision_pos_embed)
         nn.init.normal_(self.text_pos_embed)
 
+    @torch.no_grad()
+    def init_for_scratch(self, linear_std: float | None = None, pos_std: float | None = None) -> None:
+        """Re-draw the backbone's random weights for training from scratch without pretraining.
+
+        The official start (:meth:`init_weights`) cuts N(0, 0.02) at one standard deviation (an effective std of
+        about 0.011, whatever the width) and draws the positional tables from N(0, 1). Both are made for a
+        pretrained checkpoint to overwrite; a small model trained from random weights for a few hundred steps
+        barely mixes its tokens from that start (its attention stays uniform and the position tables swamp the
+        token embeddings). ``linear_std`` re-draws every Linear weight from N(0, linear_std) cut at two standard
+        deviations (biases stay zero); ``pos_std`` re-draws both positional tables from N(0, pos_std). ``None``
+        leaves that part official.
+        """
+        if linear_std is not None:
+            for module in self.modules():
+                if isinstance(module, nn.Linear):
+                    nn.init.trunc_normal_(module.weight, std=linear_std, a=-2 * linear_std, b=2 * linear_std)
+        if pos_std is not None:
+            nn.init.normal_(self.vision_pos_embed, std=pos_std)
+            nn.init.normal_(self.text_pos_embed, std=pos_std)
+
     def set_grad_checkpointing(self, enable: bool | str = True) -> None:
         """Recompute activations in backward: True/"full" (whole layers), "selective" or False/"none".
 

@@ -213,6 +213,9 @@ class Task:
         """Task arguments of the model (``num_classes``, ...), known once the training data is read."""
         return {}
 
+    def init_head(self, model: nn.Module) -> None:
+        """Initialise a new task head beyond the official init (called only when the head was not loaded)."""
+
     def state_dict(self) -> dict[str, Any]:
         """What evaluation needs besides the weights (JSON-ready); saved as ``OUT/task.json``."""
         return dict(self.state)

@@ -165,6 +165,23 @@ class VQAv2Task(Task):
     def model_kwargs(self) -> dict[str, Any]:
         return {"num_classes": self.num_classes}
 
+    def answer_prior(self) -> torch.Tensor:
+        """Mean soft target of each answer over the training questions (read from the index, no image)."""
+        total = torch.zeros(self.num_classes, dtype=torch.float64)
+        ds, _, _ = self._reader("train", train=True)
+        for it in ds.items:
+            if it.get("labels"):
+                total[torch.tensor(it["labels"], dtype=torch.long)] += torch.tensor(it["scores"], dtype=torch.float64)
+        return (total / max(len(ds.items), 1)).float()
+
+    @torch.no_grad()
+    def init_head(self, model: nn.Module) -> None:
+        """With ``task.head_bias_prior``: the answer logits' bias at the log-odds of :meth:`answer_prior`."""
+        if not self.cfg.task.head_bias_prior:
+            return
+        p = self.answer_prior().clamp(1e-4, 1 - 1e-4)
+        model.head[-1].bias.copy_(torch.log(p / (1 - p)))
+
     # ----------------------------------------------------------------------------------------- data
     def _reader(self, split: str, train: bool) -> tuple[Any, list[Any], bool]:
         """The split's reader (cached), the records its index skipped, and whether the split has answers.

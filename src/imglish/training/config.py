@@ -58,6 +58,13 @@ class ModelConfig:
         patch_size: patch side in pixels; the model sees ``(img_size // patch_size) ** 2`` patches.
         drop_path_rate: stochastic depth rate of the deepest block.
         init_from: optional ``model.safetensors`` to start from instead of a fresh initialisation.
+        init_std: standard deviation of the backbone's Linear weights of a random start (normal, cut at two
+            standard deviations); ``None`` keeps the official trunc-normal(0.02) cut at one (an effective 0.011),
+            from which a small model trained from scratch barely mixes its tokens for hundreds of steps.
+        pos_init_std: standard deviation of the two positional tables of a random start; ``None`` keeps the
+            official N(0, 1), which swamps the text embeddings (std D^-0.5) and patch embeddings of a small model
+            trained from scratch (ViT and BEiT v1/v2 start them at 0.02). Neither touches weights loaded from a
+            checkpoint (see :meth:`imglish.model.backbone.BEiT3.init_for_scratch`).
     """
 
     name: str = "beit3_tiny_patch16_224_pretraining"
@@ -65,6 +72,8 @@ class ModelConfig:
     patch_size: int = 8
     drop_path_rate: float = 0.0
     init_from: str | None = None
+    init_std: float | None = None
+    pos_init_std: float | None = None
 
 
 @dataclass
@@ -294,6 +303,9 @@ class TaskConfig:
         random_erasing: RandomErasing probability of the imagenet training transform; ``None``: the recipe's 0.25.
         head_lr_weight: learning-rate factor of parameters whose name starts with ``head`` (VQA recipe: 20).
         answer_min_count: VQA: answers of the training split kept in the vocabulary (official: 9).
+        head_bias_prior: VQA: start the answer logits' bias at the log-odds of each answer's mean training target
+            instead of the official 0 (when the head is new), so that the summed binary cross-entropy does not
+            spend its first steps pushing every logit down together.
         mask_prob: captioning: share of caption tokens masked in training (recipes: 0.7).
         drop_worst_ratio: captioning: share of the largest per-token losses dropped (recipes: 0.2) ...
         drop_worst_after: ... after this many optimizer steps (recipes: 12000).
@@ -319,6 +331,7 @@ class TaskConfig:
     random_erasing: float | None = None
     head_lr_weight: float = 1.0
     answer_min_count: int = 9
+    head_bias_prior: bool = False
     mask_prob: float = 0.7
     drop_worst_ratio: float = 0.2
     drop_worst_after: int = 12000
@@ -388,6 +401,10 @@ class TrainConfig:
             )
         if not 0.0 <= d.heldout_fraction < 1.0:
             raise ValueError(f"data.heldout_fraction must be in [0, 1), got {d.heldout_fraction}")
+        for name in ("init_std", "pos_init_std"):
+            value = getattr(self.model, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"model.{name} must be > 0 (or null for the official initialisation), got {value}")
         if self.model.img_size % self.model.patch_size:
             raise ValueError(
                 f"model.img_size ({self.model.img_size}) must be a multiple of model.patch_size "

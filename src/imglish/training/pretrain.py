@@ -468,7 +468,9 @@ def _build_model(cfg: TrainConfig, vocab_size: int, num_visual_tokens: int) -> n
     }
     if cfg.model.init_from:
         return imglish.create_model(cfg.model.name, pretrained=cfg.model.init_from, **kwargs)
-    return imglish.create_model(cfg.model.name, **kwargs)
+    model = imglish.create_model(cfg.model.name, **kwargs)
+    model.beit3.init_for_scratch(cfg.model.init_std, cfg.model.pos_init_std)
+    return model
 
 
 class _FullStateView:
