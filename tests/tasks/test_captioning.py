@@ -1,6 +1,7 @@
-"""coco_captioning and nocaps: a short fine-tune writes COCO-format captions and metrics, with periodic evaluations in
-its history (from random weights it does not yet caption better than the most frequent caption in a quick run: see
-docs/finetuning.md); scoring is the evaluation's; the official loss (label smoothing, drop-worst) and masking; NoCaps folders; official index files."""
+"""coco_captioning and nocaps: a short fine-tune writes COCO-format captions and metrics, with periodic
+evaluations in its history (from random weights it does not yet caption better than the most frequent caption in
+a quick run: see docs/finetuning.md); scoring is the evaluation's; the official loss (label smoothing,
+drop-worst) and masking; NoCaps folders; official index files."""
 
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def _task(name, world, out, tokenizer=None, **extra):
 def caption_run(task_world, task_tokenizer, tmp_path_factory):
     out = tmp_path_factory.mktemp("caption_run")
     cfg = build_config("tiny", None, tiny_overrides(task_world, out, task_tokenizer, **{
-        **DECODE, "task.eval_every": 10, "schedule.max_steps": 20, "task.max_eval_examples": 0}),
+        **DECODE, "task.eval_every": 10, "schedule.max_steps": 20}),
         task="coco_captioning")
     return finetune(cfg), out
 

@@ -10,7 +10,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import torch
 
 from imglish.data import BadRecordCounter, build_answer_vocab
 from imglish.evaluation.metrics import vqa_accuracy

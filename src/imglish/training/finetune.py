@@ -156,17 +156,14 @@ def build_task_model(cfg: TrainConfig, task: Any, vocab_size: int | None, init: 
         )
     if not init:
         model.beit3.init_for_scratch(m.init_std, m.pos_init_std)
-    head_loaded = False
-    if init:
-        try:
-            model.load_report = load_checkpoint(model, init, strict=True)
-        except ValueError as err:
-            raise ValueError(f"{init} does not fit the {task.name} model {m.name!r}:\n{err}") from None
-        report = model.load_report
-        new = set(report.missing) | set(report.dropped_heads)
-        head_loaded = not any(k.startswith("head") for k in new) and any(
-            k.startswith("head") for k in model.state_dict())
-    if not head_loaded:
+        task.init_head(model)
+        return model
+    try:
+        model.load_report = load_checkpoint(model, init, strict=True)
+    except ValueError as err:
+        raise ValueError(f"{init} does not fit the {task.name} model {m.name!r}:\n{err}") from None
+    report = model.load_report
+    if any(k.startswith("head") for k in (*report.missing, *report.dropped_heads)):  # the head is new
         task.init_head(model)
     return model
 

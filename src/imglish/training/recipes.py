@@ -82,14 +82,13 @@ OFFICIAL_RECIPES: dict[tuple[str, str], Recipe] = {
     ("nocaps", "large"): Recipe(256, 8e-6, 1.0, 10, 1, 0.1, 0.05, checkpointing=True, extra=_CAPTION),
 }
 
-# The tiny recipes: the tiny model at 64 pixels (patch 8) on the embedded world, a fixed number of steps.
+# The tiny recipes: the tiny model at 64 pixels (patch 8) on the embedded world, a fixed number of steps, from a
+# random start that trains in a few hundred steps (model.init_std, model.pos_init_std in _tiny; docs/finetuning.md).
 _TINY: dict[str, dict[str, typing.Any]] = {
     # 64-pixel scenes whose class is the largest shape: lighter augmentation than the ImageNet recipe
     "imagenet": {"optim.lr": 3e-3, "task.batch_size": 32, "schedule.max_steps": 150, "task.randaug": False,
                  "task.crop_scale": 0.5, "task.random_erasing": 0.0},
-    # VQA and NLVR2 read the text through the CLS tokens, which from the official random init (unit-variance
-    # positional tables) stay input-blind for hundreds of steps: the tiny recipes start the tables at std 0.02
-    # (model.pos_init_std, only for random weights), keep a run short (16 image tokens, 16 examples a step), and
+    # VQA and NLVR2 read the text through the CLS tokens: short runs (16 image tokens, 16 examples a step), and
     # VQA starts its answer bias at the training prior (task.head_bias_prior)
     "vqav2": {"optim.lr": 3e-4, "task.batch_size": 16, "schedule.max_steps": 100, "schedule.warmup_steps": 5,
               "task.answer_min_count": 1, "task.randaug": False, "model.patch_size": 16, "data.max_text_len": 24,
