@@ -23,13 +23,15 @@ def task_world(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def task_tokenizer(task_world, tmp_path_factory) -> Path:
-    """A SentencePiece model trained on the world's captions and texts (64 pieces: the world's language is small)."""
+    """A SentencePiece model trained on the world's captions and texts as a run trains its own (BPE, 256 ids at most:
+    the world's words stay whole)."""
     from imglish.tokenizers.text import train_sentencepiece
     from imglish.training.pretrain import load_world_sources, tokenizer_corpus
 
     folder = tmp_path_factory.mktemp("task_tok")
     files = tokenizer_corpus(load_world_sources(task_world, "train"), folder)
-    return train_sentencepiece(files, 62, folder / "text.model", seed=0, extra_options={"hard_vocab_limit": False})
+    return train_sentencepiece(files, 254, folder / "text.model", model_type="bpe", seed=0,
+                               extra_options={"hard_vocab_limit": False})
 
 
 def tiny_overrides(world: Path, out: Path, tokenizer: Path | None = None, **extra: Any) -> dict[str, Any]:

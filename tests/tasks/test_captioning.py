@@ -1,12 +1,13 @@
-"""coco_captioning and nocaps: a short fine-tune writes COCO-format captions and metrics, with periodic
-evaluations in its history (from random weights it does not yet caption better than the most frequent caption in
-a quick run: see docs/finetuning.md); scoring is the evaluation's; the official loss (label smoothing,
-drop-worst) and masking; NoCaps folders; official index files."""
+"""coco_captioning and nocaps: the tiny preset learns to caption the image from random weights (above the most
+frequent training caption, and above its own captions given to other images); a short fine-tune writes
+COCO-format captions and metrics, with periodic evaluations in its history; scoring is the evaluation's; the
+official loss (label smoothing, drop-worst) and masking; NoCaps folders; official index files."""
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections import Counter
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 
 from imglish.data import BadRecordCounter
 from imglish.data.masking import caption_mask_count
-from imglish.evaluation.captions import caption_backend
+from imglish.evaluation.captions import caption_backend, caption_scores
 from imglish.tasks import STREAM, get_task
 from imglish.tasks.captioning import caption_token_losses, kept_token_count
 from imglish.tokenizers.text import TextTokenizer
@@ -53,6 +54,32 @@ def _val_references(world):
     from imglish.data.coco import load_caption_gt
 
     return {k: v for k, v in load_caption_gt(world / "coco/annotations/coco_karpathy_val_gt.json").items() if v}
+
+
+def _cider(captions, refs):
+    return caption_scores(captions, refs, "python", metrics=("CIDEr",))["CIDEr"]
+
+
+def test_tiny_preset_captions_the_image(task_world, task_tokenizer, tmp_path):
+    """The tiny preset as it is (600 steps, patch 16; measured CIDEr 67.3): its captions beat the most frequent
+    training caption written for every image (43.5), and the same captions moved to other images (28-45): they
+    describe their own image, not only the world's templates."""
+    from imglish.data.coco import load_caption_gt
+
+    out = tmp_path / "run"
+    summary = finetune(build_config("tiny", None, tiny_overrides(task_world, out, task_tokenizer, **PY),
+                                    task="coco_captioning"))
+    refs = _val_references(task_world)
+    preds = {p["image_id"]: p["caption"] for p in json.loads((out / "predictions.json").read_text())}
+    cider = summary.metrics["CIDEr"]
+    assert cider == pytest.approx(_cider(preds, refs))
+    train = load_caption_gt(task_world / "coco/annotations/coco_karpathy_train_gt.json")
+    frequent = Counter(c for caps in train.values() for c in caps).most_common(1)[0][0]
+    assert cider > _cider({k: frequent for k in refs}, refs) + 10, (summary.metrics, frequent)
+    ids = sorted(refs)
+    for shift in (1, 7, 19):  # every image gets the caption written for another one
+        moved = {k: preds[ids[(i + shift) % len(ids)]] for i, k in enumerate(ids)}
+        assert cider > _cider(moved, refs) + 10, (summary.metrics, shift)
 
 
 def test_captioning_run_writes_captions_and_metrics(caption_run, task_world):

@@ -1,6 +1,7 @@
-"""nlvr2: a tiny fine-tune writes its metrics and predictions (from random weights it does not yet learn above the
-text prior in a quick run: see docs/finetuning.md); scoring refuses partial files; the official index files give the
-same records; an example with a missing image is skipped and counted in training and in evaluation."""
+"""nlvr2: the tiny preset learns above the majority label on a 2000-image world (from random weights, in a quick
+run, it learns the statements' language prior, not the pictures: docs/finetuning.md); a tiny fine-tune writes its
+metrics and predictions; scoring refuses partial files; the official index files give the same records; an example
+with a missing image is skipped and counted in training and in evaluation."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from imglish.data import BadRecordCounter
+from imglish.data.synthetic import WorldConfig, generate_world
 from imglish.tasks import get_task
 from imglish.training.config import build_config
 from imglish.training.evaluate import evaluate, score
@@ -37,6 +39,24 @@ def nlvr2_run(task_world, task_tokenizer, tmp_path_factory):
     out = tmp_path_factory.mktemp("nlvr2_run")
     cfg = build_config("tiny", None, tiny_overrides(task_world, out, task_tokenizer, **_QUICK), task="nlvr2")
     return finetune(cfg), out
+
+
+@pytest.fixture(scope="module")
+def nlvr2_world(tmp_path_factory) -> Path:
+    """NLVR2 only, 2000 scenes, 4 pairs per image (the default): 6400 training pairs, 800 dev pairs."""
+    root = tmp_path_factory.mktemp("nlvr2_world") / "w"
+    generate_world(WorldConfig(num_images=2000, seed=5, workers=1, formats=("nlvr2",)), root)
+    return root
+
+
+def test_tiny_preset_learns_above_majority(nlvr2_world, task_tokenizer, tmp_path):
+    """The tiny preset as it is (100 steps of 16 pairs): the dev accuracy clears the majority label by 4 points
+    (measured 67.0 against 59.0)."""
+    out = tmp_path / "run"
+    summary = finetune(build_config("tiny", None, tiny_overrides(nlvr2_world, out, task_tokenizer), task="nlvr2"))
+    dev = _labels(nlvr2_world, "dev.json")
+    majority = 100.0 * max(sum(dev.values()), len(dev) - sum(dev.values())) / len(dev)
+    assert summary.metrics["accuracy"] > majority + 4, (summary.metrics, majority)
 
 
 def test_nlvr2_run_writes_metrics_and_predictions(nlvr2_run, task_world):

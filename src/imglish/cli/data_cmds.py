@@ -94,7 +94,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-objects", type=int, default=4, help="most objects per scene (default 4)")
     p.add_argument("--captions-per-image", type=int, default=5)
     p.add_argument("--questions-per-image", type=int, default=4)
-    p.add_argument("--nlvr2-per-image", type=float, default=1.0, help="NLVR2 examples per image of a split")
+    p.add_argument("--nlvr2-per-image", type=float, default=4.0, help="NLVR2 examples per image of a split (default 4)")
     p.add_argument("--texts-per-image", type=int, default=5, help="text-corpus lines per image of a split")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per webdataset shard")
     p.add_argument("--formats", default=None,

@@ -94,7 +94,8 @@ class WorldConfig:
         max_objects: most objects per scene.
         captions_per_image: captions written per image.
         questions_per_image: VQA questions per image (ten answers each).
-        nlvr2_per_image: NLVR2 examples per image of a split (a float; 1.0 gives as many examples as images).
+        nlvr2_per_image: NLVR2 examples per image of a split (a float; 1.0 gives as many examples as images; the
+            default 4 gives a tiny fine-tune enough pairs to learn from).
         texts_per_image: lines of the text-only corpus per image of a split.
         answer_noise: probability that one annotator's VQA answer is wrong.
         noise_fraction: share of pixels given a random brightness shift ("salt" noise).
@@ -114,7 +115,7 @@ class WorldConfig:
     max_objects: int = 4
     captions_per_image: int = 5
     questions_per_image: int = 4
-    nlvr2_per_image: float = 1.0
+    nlvr2_per_image: float = 4.0
     texts_per_image: int = 5
     answer_noise: float = 0.12
     noise_fraction: float = 0.15

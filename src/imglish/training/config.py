@@ -88,6 +88,11 @@ class DataConfig:
         max_text_len: text length in tokens, BOS and EOS included.
         text_tokenizer: SentencePiece model file; ``None`` trains one into ``OUT/tokenizers/`` (or reuses it).
         text_vocab_size: vocabulary size used when the text tokenizer is trained here.
+        text_tokenizer_type: SentencePiece model type used when the text tokenizer is trained here: ``bpe``
+            (default) or ``unigram`` (the XLM-R kind of ``beit3.spm``). On a small-vocabulary corpus such as the
+            synthetic world's, SentencePiece's unigram trainer keeps no whole word as a piece (its seed pieces are
+            substrings shared by at least two distinct words), so ``right`` becomes ``▁r ig h t``; BPE merges by
+            word frequency and keeps every frequent word whole (docs/tokenizers.md).
         visual_tokenizer: VQ-KD checkpoint; ``None`` trains one into ``OUT/tokenizers/`` (or reuses it).
         visual_tokenizer_codes: codebook size used when the visual tokenizer is trained here.
         visual_tokenizer_steps: training steps used when the visual tokenizer is trained here.
@@ -116,6 +121,7 @@ class DataConfig:
     max_text_len: int = 32
     text_tokenizer: str | None = None
     text_vocab_size: int = 256
+    text_tokenizer_type: str = "bpe"
     visual_tokenizer: str | None = None
     visual_tokenizer_codes: int = 64
     visual_tokenizer_steps: int = 300
@@ -383,6 +389,8 @@ class TrainConfig:
             )
         if d.max_text_len < 3:
             raise ValueError(f"data.max_text_len must be >= 3 (BOS, one token, EOS), got {d.max_text_len}")
+        if d.text_tokenizer_type not in ("bpe", "unigram"):
+            raise ValueError(f"data.text_tokenizer_type must be 'bpe' or 'unigram', got {d.text_tokenizer_type!r}")
         if d.visual_targets not in ("online", "precomputed"):
             raise ValueError(
                 f"data.visual_targets must be 'online' or 'precomputed', got {d.visual_targets!r}"

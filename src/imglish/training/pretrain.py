@@ -111,6 +111,7 @@ def prepare_text_tokenizer(
             files,
             cfg.data.text_vocab_size - 2,
             path,
+            model_type=cfg.data.text_tokenizer_type,
             seed=cfg.seed,
             extra_options={"hard_vocab_limit": False},
         )
