@@ -17,7 +17,7 @@ from tests.tasks.conftest import tiny_overrides
 @pytest.fixture(scope="module")
 def imagenet_run(task_world, tmp_path_factory):
     out = tmp_path_factory.mktemp("imagenet_run")
-    cfg = build_config("tiny", None, tiny_overrides(task_world, out, **{"schedule.max_steps": 200, "model.img_size": 32}),
+    cfg = build_config("tiny", None, tiny_overrides(task_world, out, **{"schedule.max_steps": 300, "model.img_size": 32}),
                        task="imagenet")
     return finetune(cfg), out
 
