@@ -575,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dtypes == "auto":
         dtypes: tuple[str, ...] = ("fp32", "bf16") if amx else ("fp32",)
         if not amx:
-            notes.append("fp32 only: this CPU has no AMX (no `amx_bf16` flag; AVX2 only), so a bf16 matmul has no "
+            notes.append("fp32 only: this CPU has no AMX (no `amx_bf16` flag), so a bf16 matmul has no "
                          "fast kernel here and a bf16 step would time the slow fallback on both sides. On a CPU "
                          "with AMX the same command also times bf16 autocast.")
     else:
