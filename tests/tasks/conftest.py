@@ -23,15 +23,15 @@ def task_world(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def task_tokenizer(task_world, tmp_path_factory) -> Path:
-    """A SentencePiece model trained on the world's captions and texts as a run trains its own (BPE, 256 ids at most:
-    the world's words stay whole)."""
-    from imglish.tokenizers.text import train_sentencepiece
-    from imglish.training.pretrain import load_world_sources, tokenizer_corpus
+    """The text tokenizer a tiny run trains for itself on the world's captions and texts (BPE, 256 ids at most: the
+    world's words stay whole), trained once by the runs' own code."""
+    from imglish.training.config import build_config
+    from imglish.training.pretrain import load_world_sources, prepare_text_tokenizer, tokenizer_corpus
 
     folder = tmp_path_factory.mktemp("task_tok")
-    files = tokenizer_corpus(load_world_sources(task_world, "train"), folder)
-    return train_sentencepiece(files, 254, folder / "text.model", model_type="bpe", seed=0,
-                               extra_options={"hard_vocab_limit": False})
+    cfg = build_config("tiny", None, {"out": str(folder), "data.path": str(task_world)})
+    prepare_text_tokenizer(cfg, lambda: tokenizer_corpus(load_world_sources(task_world, "train"), folder))
+    return folder / "tokenizers" / "text.model"
 
 
 def tiny_overrides(world: Path, out: Path, tokenizer: Path | None = None, **extra: Any) -> dict[str, Any]:
