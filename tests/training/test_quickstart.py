@@ -1,0 +1,134 @@
+"""The quickstart end to end at a toy scale: world, tokenizers, pretraining, every task fine-tuned from the
+pretrained model and from scratch, the report and results.json; a second run reuses every stage, ``--init`` skips
+pretraining, and ``imglish evaluate`` reproduces a reported number from the files the quickstart leaves."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from imglish.cli.main import main as cli_main
+from imglish.training.quickstart import QUICKSTART_TASKS, SIDES, finetune_config, quickstart
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+# a toy scale: every stage runs, none learns much
+PRETRAIN = {
+    "data.visual_tokenizer_steps": 4,
+    "data.visual_tokenizer_codes": 16,
+    "data.text_vocab_size": 120,
+    "data.image_batch": 4,
+    "data.text_batch": 4,
+    "data.pair_batch": 4,
+    "data.heldout_batches": 1,
+    "schedule.warmup_steps": 1,
+    "checkpoint.save_every": 0,
+    "logging.progress": False,
+    "logging.tensorboard": False,
+}
+FINETUNE = {
+    "schedule.max_steps": 2,
+    "schedule.warmup_steps": 1,
+    "task.max_train_examples": 16,
+    "task.batch_size": 8,
+    "task.eval_batch_size": 16,
+    "task.num_beams": 1,
+    "task.max_gen_len": 6,
+    "checkpoint.save_every": 0,
+    "logging.tensorboard": False,
+}
+
+
+def _mtimes(root: Path) -> dict[str, float]:
+    return {str(p.relative_to(root)): p.stat().st_mtime for p in root.rglob("*.safetensors")}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("qs") / "out"
+    quickstart(out, max_steps=3, num_images=60, seed=1, overrides=PRETRAIN, budget_s=None,
+               finetune_overrides=FINETUNE, jobs=1)
+    return out
+
+
+def test_quickstart_writes_every_task_on_both_sides(run):
+    res = json.loads((run / "results.json").read_text())
+    assert set(res) >= {"tasks", "pretraining", "elapsed_s"}
+    assert list(res["tasks"]) == list(QUICKSTART_TASKS)
+    from imglish.tasks import get_task
+
+    for task, r in res["tasks"].items():
+        assert r["metric"] == get_task(task).main_metric
+        assert r["train_examples"] == 16
+        for side in SIDES:
+            run_dir = run / "finetune" / task / side
+            metrics = json.loads((run_dir / "metrics.json").read_text())["metrics"]
+            assert r[side] == pytest.approx(metrics[r["metric"]])  # as in the task's metrics.json
+            assert (run_dir / "model.safetensors").is_file()
+            assert (run_dir / "processor.json").is_file() or any(run_dir.glob("*processor*"))
+            summary = json.loads((run_dir / "summary.json").read_text())
+            assert summary["split"] == "test" and summary["steps"] == 2
+            assert (summary["init"] is not None) == (side == "pretrained")
+    assert res["pretraining"]["steps"] == 3
+    assert set(res["pretraining"]["heldout"]) >= {"image.mim", "text.mlm", "pair.mlm"}
+    report = (run / "report.md").read_text()
+    assert "| task | metric | pretrained | from scratch | difference | labelled examples | steps |" in report
+    for task in QUICKSTART_TASKS:
+        assert f"| {task} |" in report
+    assert "## Pretraining" in report and "## Wall time" in report
+    for png in ("finetune.png", "loss_curves.png"):
+        assert (run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_both_sides_share_recipe_architecture_and_tokenizer(run):
+    init = run / "model.safetensors"
+    a = finetune_config("vqav2", "pretrained", run / "a", run / "data", init, seed=1)
+    b = finetune_config("vqav2", "scratch", run / "b", run / "data", init, seed=1)
+    assert a.model.init_from == str(init) and b.model.init_from is None
+    a.model.init_from = None
+    for x in (a, b):
+        x.out = "same"
+    assert a == b
+    assert b.model.patch_size == 16 and b.data.text_tokenizer and Path(b.data.text_tokenizer).is_file()
+
+
+def test_evaluate_reproduces_the_reported_number(run, tmp_path, capsys):
+    res = json.loads((run / "results.json").read_text())["tasks"]["vqav2"]
+    ckpt = run / "finetune" / "vqav2" / "pretrained" / "model.safetensors"
+    rc = cli_main(["evaluate", "vqav2", "--data", str(run / "data"), "--checkpoint", str(ckpt), "--split", "test",
+                   "--out", str(tmp_path / "ev")])
+    assert rc == 0
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())["metrics"]
+    assert metrics["vqa_accuracy"] == pytest.approx(res["pretrained"])
+
+
+def test_second_run_reuses_every_stage(run, capsys):
+    before = _mtimes(run)
+    quickstart(run, max_steps=3, num_images=60, seed=1, overrides=PRETRAIN, budget_s=None,
+               finetune_overrides=FINETUNE, jobs=1)
+    printed = capsys.readouterr().out
+    assert "pretraining: reusing" in printed and "(10 reused)" in printed
+    assert _mtimes(run) == before
+
+
+def test_init_skips_pretraining_and_tasks_choose_a_subset(run, tmp_path, capsys):
+    out = tmp_path / "again"
+    rc = cli_main(["quickstart", "--out", str(out), "--num-images", "60", "--seed", "1", "--tasks", "imagenet",
+                   "--skip-pretraining", "--init", str(run / "model.safetensors"), "--jobs", "1",
+                   "--no-time-limit", "--finetune", "schedule.max_steps=2", "--finetune", "task.max_train_examples=16"])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert list(res["tasks"]) == ["imagenet"] and res["pretraining"] == {}
+    assert not (out / "model.safetensors").exists()  # nothing pretrained here
+    assert "Skipped: the fine-tunes started from" in (out / "report.md").read_text()
+
+
+def test_bad_arguments_are_named(tmp_path):
+    with pytest.raises(ValueError, match="unknown task 'vqa'"):
+        quickstart(tmp_path / "x", tasks=["vqa"])
+    with pytest.raises(FileNotFoundError, match="--init"):
+        quickstart(tmp_path / "x", init=tmp_path / "missing.safetensors")
+    with pytest.raises(SystemExit, match="--skip-pretraining needs --init"):
+        cli_main(["quickstart", "--out", str(tmp_path / "y"), "--skip-pretraining"])
