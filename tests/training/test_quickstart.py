@@ -132,3 +132,16 @@ def test_bad_arguments_are_named(tmp_path):
         quickstart(tmp_path / "x", init=tmp_path / "missing.safetensors")
     with pytest.raises(SystemExit, match="--skip-pretraining needs --init"):
         cli_main(["quickstart", "--out", str(tmp_path / "y"), "--skip-pretraining"])
+
+
+def test_a_short_budget_stops_stages_early_and_says_so(tmp_path):
+    out = tmp_path / "short"
+    endless = dict(FINETUNE, **{"schedule.max_steps": 100000})
+    quickstart(out, max_steps=100000, num_images=60, seed=1, overrides=PRETRAIN, budget_s=5.0, tasks=["vqav2"],
+               finetune_overrides=endless, jobs=1)
+    res = json.loads((out / "results.json").read_text())
+    assert res["pretraining"]["stopped_early"] and res["pretraining"]["steps"] < 100000
+    r = res["tasks"]["vqav2"]
+    assert r["stopped_early"] and max(r["steps"].values()) < 100000
+    report = (out / "report.md").read_text()
+    assert report.count("**Stopped early**") == 2
