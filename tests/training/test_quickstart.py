@@ -145,3 +145,22 @@ def test_a_short_budget_stops_stages_early_and_says_so(tmp_path):
     assert r["stopped_early"] and max(r["steps"].values()) < 100000
     report = (out / "report.md").read_text()
     assert report.count("**Stopped early**") == 2
+
+
+def test_pair_stream_is_also_scored_with_other_images(run):
+    import torch
+
+    from imglish.training.pretrain import _with_other_images
+
+    pair = {"image": torch.arange(3.0).view(3, 1, 1, 1).expand(3, 3, 2, 2), "text_ids": torch.arange(6).view(3, 2),
+            "image_mask": torch.tensor([[True], [False], [False]]), "visual_targets": torch.tensor([[7], [8], [9]])}
+    moved = _with_other_images({"pair": pair, "text": {"text_ids": torch.zeros(1, 2)}})
+    assert list(moved) == ["pair"]  # only the pair stream is scored again
+    assert moved["pair"]["image"][:, 0, 0, 0].tolist() == [2.0, 0.0, 1.0]
+    assert moved["pair"]["visual_targets"].view(-1).tolist() == [9, 7, 8]  # the codes travel with their image
+    assert moved["pair"]["image_mask"].view(-1).tolist() == [False, True, False]
+    assert torch.equal(moved["pair"]["text_ids"], pair["text_ids"])  # each caption stays where it was
+    assert _with_other_images({"pair": {k: v[:1] for k, v in pair.items()}}) is None  # one pair: nothing to swap
+    m = json.loads((run / "results.json").read_text())["pretraining"]["heldout"]["pair.mlm"]
+    assert 0.0 <= m["other_image_accuracy"] <= 1.0
+    assert "accuracy with another image" in (run / "report.md").read_text()

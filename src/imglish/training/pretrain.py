@@ -390,6 +390,10 @@ def evaluate_heldout(
 ) -> dict[str, dict[str, float]]:
     """Masked-token accuracy of each loss term on held-out micro-batches (model in eval mode).
 
+    The pair stream is also scored with each caption given another pair's image (the batch's images rolled by
+    one): ``other_image_accuracy`` of ``pair.*``. What the model gets right only with the caption's own image is
+    what it reads from the image; the rest comes from the caption's other words.
+
     Args:
         baseline_counts: per term, counts of the training targets; the most frequent one is the trivial
             baseline whose accuracy on the same held-out targets is reported as ``baseline_accuracy``.
@@ -399,6 +403,7 @@ def evaluate_heldout(
     model.eval()
     sums: dict[str, list[float]] = {}
     baseline_hits: Counter = Counter()
+    other_hits: Counter = Counter()
     for k in range(num_batches):
         item = dataset[k]
         pop_skipped(item)
@@ -411,6 +416,11 @@ def evaluate_heldout(
             s[0] += float(out.loss_sum[name])
             s[1] += float(out.count[name])
             s[2] += float(out.correct[name])
+        swapped = _with_other_images(batch)
+        if swapped is not None:
+            other = mdm(swapped)
+            for name in other.count:
+                other_hits[name] += float(other.correct[name])
         if baseline_counts:
             for name, targets in _targets(batch).items():
                 if baseline_counts.get(name):
@@ -422,7 +432,21 @@ def evaluate_heldout(
         result[name] = {"accuracy": correct / count, "loss": loss / count, "tokens": count}
         if baseline_counts:
             result[name]["baseline_accuracy"] = baseline_hits[name] / count
+        if name in other_hits:
+            result[name]["other_image_accuracy"] = other_hits[name] / count
     return result
+
+
+def _with_other_images(batch: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]] | None:
+    """The batch's pair stream alone, each caption with the next pair's image (and its visual targets)."""
+    pair = batch.get("pair")
+    if pair is None or pair.get("image") is None or pair["image"].shape[0] < 2:
+        return None
+    moved = dict(pair)
+    for key in ("image", "image_mask", "visual_targets", "tokenizer_image"):
+        if moved.get(key) is not None:
+            moved[key] = moved[key].roll(1, 0)
+    return {"pair": moved}
 
 
 def _targets(batch: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

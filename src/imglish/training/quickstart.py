@@ -469,14 +469,23 @@ def _pretraining_lines(out: Path, summary, cfg) -> list[str]:
             "baseline that always predicts the most frequent training target of that stream:"
         ),
         "",
-        "| stream | masked tokens | accuracy | baseline | loss |",
-        "|---|---|---|---|---|",
+        "| stream | masked tokens | accuracy | baseline | loss | accuracy with another image |",
+        "|---|---|---|---|---|---|",
     ]
     for key, m in summary.heldout.items():
+        other = f"{m['other_image_accuracy']:.3f}" if "other_image_accuracy" in m else "-"
         lines.append(
             f"| {_STREAM_NAMES.get(key, key)} | {int(m['tokens'])} | {m['accuracy']:.3f} | "
-            f"{m.get('baseline_accuracy', float('nan')):.3f} | {m['loss']:.3f} |"
+            f"{m.get('baseline_accuracy', float('nan')):.3f} | {m['loss']:.3f} | {other} |"
         )
+    if any("other_image_accuracy" in m for m in summary.heldout.values()):
+        lines += [
+            "",
+            (
+                "The last column scores each held-out caption with another pair's image: the gap to the accuracy "
+                "with its own image is what the model reads from the image, the rest it guesses from the caption."
+            ),
+        ]
     first = summary.history[0] if summary.history else {}
     last = summary.history[-1] if summary.history else {}
     lines += [
