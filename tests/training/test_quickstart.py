@@ -67,6 +67,7 @@ def test_quickstart_writes_every_task_on_both_sides(run):
             metrics = json.loads((run_dir / "metrics.json").read_text())["metrics"]
             assert r[side] == pytest.approx(metrics[r["metric"]])  # as in the task's metrics.json
             assert (run_dir / "model.safetensors").is_file()
+            assert not (run_dir / "checkpoints").exists()  # a finished fine-tune keeps its model, not its resume state
             assert (run_dir / "processor.json").is_file() or any(run_dir.glob("*processor*"))
             summary = json.loads((run_dir / "summary.json").read_text())
             assert summary["split"] == "test" and summary["steps"] == 2

@@ -209,7 +209,9 @@ def run_parity_file(path: str | os.PathLike, atol: float = DEFAULT_ATOL) -> list
     """Load a parity file (`torch.load(weights_only=True)`) and run it according to its `format`."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"parity file not found: {path}")
-    data = torch.load(path, map_location="cpu", weights_only=True)
+    from imglish.model.loading import safe_torch_load
+
+    data = safe_torch_load(path)
     fmt = data.get("format") if isinstance(data, dict) else None
     if fmt == "beit3-parity/1":
         return run_beit3_cases(data, atol)

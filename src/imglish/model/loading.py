@@ -13,10 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -65,6 +66,49 @@ class LoadReport:
         return "\n".join(lines)
 
 
+_ACCEPTED = (
+    "imglish reads .safetensors files, and torch files (.pth, .pt, .bin) that hold only tensors, dicts, lists, "
+    "numbers and strings (torch.load with weights_only=True)"
+)
+
+
+def safe_torch_load(path: str | os.PathLike, allowed: Sequence[type] = ()) -> Any:
+    """``torch.load(path, map_location="cpu", weights_only=True)`` with errors that say what is wrong with the file.
+
+    imglish never unpickles arbitrary Python objects, so torch's advice to retry with ``weights_only=False`` is
+    never passed on: a file that needs it is refused with the name of the object it holds.
+
+    Args:
+        allowed: classes let through the safe unpickler besides torch's own (e.g. ``argparse.Namespace``).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is not a valid checkpoint (corrupt, truncated, another format) or holds Python
+            objects besides tensors; the message names the file and the accepted formats.
+    """
+    import pickle
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        if found:
+            raise ValueError(
+                f"{path} holds a Python object ({found.group(1)}) besides tensors, which imglish does not unpickle: "
+                f"{_ACCEPTED}. Save the weights alone (torch.save(model.state_dict(), FILE)) or as safetensors."
+            ) from None
+        raise ValueError(f"{path} is not a valid checkpoint (not a torch file, or a corrupt one): {_ACCEPTED}.") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        reason = str(err).split(". ")[0].strip().rstrip(".")
+        raise ValueError(
+            f"{path} is not a valid checkpoint (corrupt or truncated? torch says: {reason}): {_ACCEPTED}."
+        ) from None
+
+
 def read_checkpoint(path: str | os.PathLike, model_key: str = "model|module") -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Read a checkpoint file safely: safetensors, or `torch.load(weights_only=True)` for `.pth`/`.pt`/`.bin`.
 
@@ -79,11 +123,14 @@ def read_checkpoint(path: str | os.PathLike, model_key: str = "model|module") ->
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(path), framework="pt") as handle:
-            raw_meta = handle.metadata() or {}
-            state = {name: handle.get_tensor(name) for name in handle.keys()}
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                raw_meta = handle.metadata() or {}
+                state = {name: handle.get_tensor(name) for name in handle.keys()}
+        except SafetensorError as err:
+            raise ValueError(f"{path} is not a valid safetensors file (corrupt or truncated? {err}).") from None
         meta: dict[str, Any] = {}
         for key, value in raw_meta.items():
             try:
@@ -91,11 +138,7 @@ def read_checkpoint(path: str | os.PathLike, model_key: str = "model|module") ->
             except (TypeError, json.JSONDecodeError):
                 meta[key] = value
         return state, meta
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - re-raised with the file named
-        raise ValueError(f"cannot read checkpoint {path}: {err}") from err
+    obj = safe_torch_load(path, allowed=[argparse.Namespace])
     state = unwrap_state_dict(obj, model_key)
     meta = {}
     if isinstance(obj, Mapping):

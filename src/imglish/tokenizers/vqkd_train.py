@@ -254,7 +254,9 @@ def train_visual_tokenizer(config: VisualTokenizerTrainConfig) -> TrainResult:
     restart_gen = torch.Generator().manual_seed(cfg.seed + 1)
     restarted = 0
     if cfg.resume and ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        from imglish.model.loading import safe_torch_load
+
+        state = safe_torch_load(ckpt_path)
         saved = state.get("config", {})
         for key in ("model", "teacher"):
             if saved.get(key) != getattr(cfg, key):

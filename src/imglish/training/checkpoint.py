@@ -137,7 +137,9 @@ class CheckpointManager:
         Raises:
             ValueError: if the file is not an imglish training checkpoint.
         """
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        from imglish.model.loading import safe_torch_load
+
+        state = safe_torch_load(path)
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{str(path)!r} is not an imglish training checkpoint ({CHECKPOINT_FORMAT})")
         return state

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -319,6 +320,9 @@ def _finetune_all(out: Path, data: Path, init: Path, tasks: Sequence[str], seed:
 
     def finish(t: str, side: str, s: dict[str, Any]) -> None:
         done[(t, side)] = s
+        # a finished fine-tune is reused through its summary.json: its resume checkpoints (about 90 MB each at the
+        # tiny size, weights and optimizer state) are dead weight; its model.safetensors stays
+        shutil.rmtree(out / "finetune" / t / side / "checkpoints", ignore_errors=True)
         metric = _main_metric(t)
         print(f"  {t} ({side}): {metric} {s['metrics'].get(metric, float('nan')):.1f} "
               f"[{s['train_examples']} examples, {s['steps']} steps, {s['elapsed_s']:.0f} s]")
