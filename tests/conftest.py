@@ -8,13 +8,15 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-PARITY_DIR = REPO.parent / "shared" / "parity"
+#: outputs of the official code, kept in the repository so that a fresh clone runs every parity test
+#: (tests/fixtures/README.md says what they are and how they were made)
+PARITY_DIR = REPO / "tests" / "fixtures"
 
 
 def parity_file(name: str) -> Path:
     path = PARITY_DIR / name
     if not path.is_file():
-        pytest.skip(f"parity fixture {path} is not available (../shared is missing)")
+        pytest.fail(f"parity fixture {path} is missing from this checkout (tests/fixtures/README.md)")
     return path
 
 

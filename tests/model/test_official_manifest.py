@@ -17,13 +17,8 @@ def _manifest() -> dict:
 
 
 def _names() -> list:
-    """The official names to parametrize over, read at collection; without ../shared, one skipped case (a skip
-    raised while collecting would be an error of the whole module)."""
-    path = PARITY_DIR / "official-models.json"
-    if not path.is_file():
-        return [pytest.param(None, marks=pytest.mark.skip(reason=f"parity fixture {path} is not available "
-                                                                 "(../shared is missing)"))]
-    return sorted(json.loads(path.read_text())["models"])
+    """The official names to parametrize over, read at collection from the manifest in tests/fixtures."""
+    return sorted(json.loads((PARITY_DIR / "official-models.json").read_text())["models"])
 
 
 def test_every_official_name_is_registered():

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -18,15 +16,12 @@ from imglish.tokenizers.vqkd import (
     save_vqkd,
     spherical_kmeans,
 )
-
-PARITY = Path(__file__).resolve().parents[2] / ".." / "shared" / "parity" / "official-vqkd-tiny.pt"
+from tests.conftest import parity_file
 
 
 @pytest.fixture(scope="module")
 def fixture() -> dict:
-    if not PARITY.is_file():
-        pytest.skip(f"VQ-KD parity fixture {PARITY} is not available (../shared/parity is missing)")
-    return torch.load(PARITY, map_location="cpu", weights_only=True)
+    return torch.load(parity_file("official-vqkd-tiny.pt"), map_location="cpu", weights_only=True)
 
 
 def _tiny(**kw) -> VQKD:
@@ -70,7 +65,7 @@ def test_parity_runner_detects_wrong_weights(fixture):
 def test_parity_cli_runs_vqkd_files(fixture, capsys):
     from imglish.cli.main import main
 
-    code = main(["parity", str(PARITY)])
+    code = main(["parity", str(parity_file("official-vqkd-tiny.pt"))])
     out = capsys.readouterr().out
     assert code == 0, out
     assert "tokens" in out

@@ -46,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_models)
 
     p = sub.add_parser("parity", help="replay outputs of the official code (beit3-parity/1, vqkd-parity/1 files)")
-    p.add_argument("file", help="a parity file, e.g. ../shared/parity/official-tiny.pt")
+    p.add_argument("file", help="a parity file, e.g. tests/fixtures/official-tiny.pt")
     p.add_argument("--atol", type=float, default=1e-4, help="maximum absolute difference allowed (default 1e-4)")
     p.set_defaults(func=_parity)
 

@@ -1,6 +1,6 @@
 """Parity of our VQ-KD tokenizer with the official BEiT v2 code, on ``vqkd-parity/1`` fixture files.
 
-A fixture (see ``shared/parity/README.md``) holds a config, official-layout weights, input images in [0, 1] and
+A fixture (see ``tests/fixtures/README.md``) holds a config, official-layout weights, input images in [0, 1] and
 the official outputs. :func:`run_vqkd_cases` loads the weights strictly into :class:`imglish.tokenizers.vqkd.VQKD`
 and compares:
 
