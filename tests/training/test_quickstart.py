@@ -146,6 +146,17 @@ def test_a_short_budget_stops_stages_early_and_says_so(tmp_path):
     assert r["stopped_early"] and max(r["steps"].values()) < 100000
     report = (out / "report.md").read_text()
     assert report.count("**Stopped early**") == 2
+    assert (out / "finetune" / "vqav2" / "scratch" / "checkpoints").is_dir()  # kept, to be finished
+    # a run with no time limit finishes both stages from their checkpoints (two more steps each)
+    pre_steps, ft_steps = res["pretraining"]["steps"], r["steps"]
+    quickstart(out, max_steps=pre_steps + 2, num_images=60, seed=1, overrides=PRETRAIN, budget_s=None,
+               tasks=["vqav2"], finetune_overrides=dict(endless, **{"schedule.max_steps": max(ft_steps.values()) + 2}),
+               jobs=1)
+    res = json.loads((out / "results.json").read_text())
+    assert not res["pretraining"]["stopped_early"] and res["pretraining"]["steps"] == pre_steps + 2
+    r2 = res["tasks"]["vqav2"]
+    assert not r2["stopped_early"] and set(r2["steps"].values()) == {max(ft_steps.values()) + 2}
+    assert "**Stopped early**" not in (out / "report.md").read_text()
 
 
 def test_pair_stream_is_also_scored_with_other_images(run):

@@ -134,6 +134,7 @@ def quickstart(
     from imglish.training.recipes import TASK_NAMES
 
     tasks = tuple(QUICKSTART_TASKS if tasks is None else tasks)
+    _jobs(jobs)  # checked before anything runs
     for t in tasks:
         if t not in TASK_NAMES:
             raise ValueError(f"unknown task {t!r} in tasks; expected some of {', '.join(TASK_NAMES)}")
@@ -163,7 +164,7 @@ def quickstart(
                    "schedule.max_steps": max_steps or QUICKSTART_STEPS})
         ov.update(overrides or {})
         cfg = build_config("tiny", overrides=ov)
-        summary = _finished_pretraining(out, cfg)
+        summary = _finished_pretraining(out, budget_s)
         if summary is None:
             print("[2/4] text tokenizer, [3/4] visual tokenizer (reused from OUT/tokenizers when present), "
                   "[4/4] pretraining")
@@ -211,14 +212,18 @@ def _check_world(data: Path, tasks: Sequence[str]) -> None:
         )
 
 
-def _finished_pretraining(out: Path, cfg: Any) -> Any:
-    """The :class:`PretrainSummary` of a pretraining that already finished in ``out``, else ``None``."""
+def _finished_pretraining(out: Path, budget_s: float | None) -> Any:
+    """The :class:`PretrainSummary` of a pretraining that already ended in ``out``, else ``None``; one that the
+    budget stopped early counts as unfinished when this run has no budget (it then resumes)."""
     from imglish.training.pretrain import PretrainSummary
 
     path = out / "summary.json"
     if not (path.is_file() and (out / "model.safetensors").is_file() and _load_state(out).get("pretraining_done")):
         return None
-    return PretrainSummary(**json.loads(path.read_text()))
+    summary = PretrainSummary(**json.loads(path.read_text()))
+    if summary.stopped_early and budget_s is None:
+        return None
+    return summary
 
 
 def finetune_config(
@@ -300,7 +305,7 @@ def _finetune_all(out: Path, data: Path, init: Path, tasks: Sequence[str], seed:
     for t, side in runs:
         run = out / "finetune" / t / side
         s = _summary_of(run)
-        if s is not None:
+        if s is not None and not (s.get("stopped_early") and budget_s is None):  # unlimited: finish early stops
             done[(t, side)] = s
         else:
             todo.append((t, side))
@@ -321,8 +326,10 @@ def _finetune_all(out: Path, data: Path, init: Path, tasks: Sequence[str], seed:
     def finish(t: str, side: str, s: dict[str, Any]) -> None:
         done[(t, side)] = s
         # a finished fine-tune is reused through its summary.json: its resume checkpoints (about 90 MB each at the
-        # tiny size, weights and optimizer state) are dead weight; its model.safetensors stays
-        shutil.rmtree(out / "finetune" / t / side / "checkpoints", ignore_errors=True)
+        # tiny size, weights and optimizer state) are dead weight; its model.safetensors stays. One that the budget
+        # stopped keeps them, to be finished by a run with no time limit.
+        if not s.get("stopped_early"):
+            shutil.rmtree(out / "finetune" / t / side / "checkpoints", ignore_errors=True)
         metric = _main_metric(t)
         print(f"  {t} ({side}): {metric} {s['metrics'].get(metric, float('nan')):.1f} "
               f"[{s['train_examples']} examples, {s['steps']} steps, {s['elapsed_s']:.0f} s]")
@@ -462,8 +469,8 @@ def _pretraining_lines(out: Path, summary, cfg) -> list[str]:
             (
                 f"**Stopped early** at step {summary.steps} of {cfg.schedule.max_steps}: the machine was too slow to "
                 f"finish every step within the quickstart's time budget (`schedule.time_limit_s` = "
-                f"{cfg.schedule.time_limit_s:.0f} s of pretraining). `imglish pretrain --config {out / 'config.json'} "
-                "--resume` continues the run."
+                f"{cfg.schedule.time_limit_s:.0f} s of pretraining). `imglish quickstart` on the same OUT with "
+                "`--no-time-limit` (or `imglish pretrain --config OUT/config.json --resume`) continues the run."
             ),
             "",
         ]
