@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from imglish.cli import parse_key_values
+
 __all__ = ["register"]
 
 
@@ -23,23 +25,10 @@ def _train_text(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_overrides(items: list[str]) -> dict[str, object]:
-    out: dict[str, object] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
 def _train_visual(args: argparse.Namespace) -> int:
     from imglish.tokenizers.vqkd_train import VisualTokenizerTrainConfig, train_visual_tokenizer
 
-    overrides = _parse_overrides(args.set or [])
+    overrides = parse_key_values(args.set or [], "--set")
     for key in ("img_size", "n_code", "code_dim"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)

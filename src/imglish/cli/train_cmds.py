@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from imglish.cli import parse_key_values
+
 __all__ = ["register"]
 
 # Short flags and the config keys they set.
@@ -60,16 +62,6 @@ def _pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
-def _key_values(items: list[str], flag: str) -> dict[str, str]:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise SystemExit(f"imglish quickstart: {flag} takes KEY=VALUE (e.g. schedule.max_steps=50), got {item!r}")
-        out[key.strip()] = value.strip()
-    return out
-
-
 def _quickstart(args: argparse.Namespace) -> int:
     from imglish.training.quickstart import quickstart
 
@@ -91,7 +83,7 @@ def _quickstart(args: argparse.Namespace) -> int:
         tasks=tasks,
         init=args.init,
         jobs=args.jobs,
-        finetune_overrides=_key_values(args.finetune_set, "--finetune"),
+        finetune_overrides=parse_key_values(args.finetune_set, "--finetune"),
     )
     print(f"report: {report}")
     return 0

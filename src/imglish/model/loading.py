@@ -123,27 +123,42 @@ def read_checkpoint(path: str | os.PathLike, model_key: str = "model|module") ->
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                raw_meta = handle.metadata() or {}
-                state = {name: handle.get_tensor(name) for name in handle.keys()}
-        except SafetensorError as err:
-            raise ValueError(f"{path} is not a valid safetensors file (corrupt or truncated? {err}).") from None
-        meta: dict[str, Any] = {}
-        for key, value in raw_meta.items():
-            try:
-                meta[key] = json.loads(value)
-            except (TypeError, json.JSONDecodeError):
-                meta[key] = value
-        return state, meta
+        return _read_safetensors(path, tensors=True)
     obj = safe_torch_load(path, allowed=[argparse.Namespace])
     state = unwrap_state_dict(obj, model_key)
     meta = {}
     if isinstance(obj, Mapping):
         meta = {k: v for k, v in obj.items() if k not in model_key.split("|") and not isinstance(v, Tensor)}
     return state, meta
+
+
+def _read_safetensors(path: Path, tensors: bool) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """A safetensors file's tensors (when ``tensors``) and header metadata, JSON values decoded."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            raw_meta = handle.metadata() or {}
+            state = {name: handle.get_tensor(name) for name in handle.keys()} if tensors else {}
+    except SafetensorError as err:
+        raise ValueError(f"{path} is not a valid safetensors file (corrupt or truncated? {err}).") from None
+    meta: dict[str, Any] = {}
+    for key, value in raw_meta.items():
+        try:
+            meta[key] = json.loads(value)
+        except (TypeError, json.JSONDecodeError):
+            meta[key] = value
+    return state, meta
+
+
+def read_checkpoint_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata :func:`read_checkpoint` returns, without reading a safetensors file's tensors."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint {path} does not exist")
+        return _read_safetensors(path, tensors=False)[1]
+    return read_checkpoint(path)[1]
 
 
 def _model_grid(model: nn.Module) -> tuple[int, int] | None:

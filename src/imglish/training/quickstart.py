@@ -96,9 +96,9 @@ def _load_state(out: Path) -> dict[str, Any]:
 
 
 def _save_state(out: Path, state: dict[str, Any]) -> None:
-    tmp = out / (STATE_FILE + ".tmp")
-    tmp.write_text(json.dumps(state, indent=2) + "\n")
-    os.replace(tmp, out / STATE_FILE)
+    from imglish.training.evaluate import write_json
+
+    write_json(out / STATE_FILE, state)
 
 
 def quickstart(
@@ -134,7 +134,7 @@ def quickstart(
     from imglish.training.recipes import TASK_NAMES
 
     tasks = tuple(QUICKSTART_TASKS if tasks is None else tasks)
-    _jobs(jobs)  # checked before anything runs
+    n_jobs = _jobs(jobs)  # checked before anything runs
     for t in tasks:
         if t not in TASK_NAMES:
             raise ValueError(f"unknown task {t!r} in tasks; expected some of {', '.join(TASK_NAMES)}")
@@ -155,7 +155,7 @@ def quickstart(
         )
         timings["world"] = time.perf_counter() - t0
     _check_world(data, tasks)
-    finetune_cost = _FINETUNE_MARGIN * sum(_FINETUNE_COST.get(t, 60) for t in tasks) * len(SIDES) / _jobs(jobs)
+    finetune_cost = _FINETUNE_MARGIN * sum(_FINETUNE_COST.get(t, 60) for t in tasks) * len(SIDES) / n_jobs
 
     summary = cfg = None
     if init is None:
@@ -183,8 +183,8 @@ def quickstart(
 
     results: dict[str, dict[str, Any]] = {}
     if tasks:
-        results = _finetune_all(out, data, Path(init), tasks, seed, finetune_overrides or {}, jobs, budget_s, t0,
-                                state, timings)
+        results = _finetune_all(out, data, Path(init), tasks, seed, finetune_overrides or {}, n_jobs, budget_s, t0,
+                                timings)
     elapsed = time.perf_counter() - t0 + state.get("elapsed_before_s", 0.0)
     state["elapsed_before_s"] = elapsed
     state["timings"] = timings
@@ -203,7 +203,7 @@ def _jobs(jobs: int | None) -> int:
 def _check_world(data: Path, tasks: Sequence[str]) -> None:
     """A world from an earlier quickstart may lack a format a task needs: say which and how to fix it."""
     need = {"imagenet": "imagenet", "vqav2": "vqav2", "nlvr2": "nlvr2", "coco_retrieval": "coco",
-            "coco_captioning": "coco", "flickr30k": "flickr30k", "nocaps": "coco"}
+            "coco_captioning": "coco", "flickr30k": "flickr30k", "nocaps": "nocaps"}
     missing = sorted({need[t] for t in tasks if not (data / need[t]).is_dir()})
     if missing:
         raise FileNotFoundError(
@@ -240,13 +240,13 @@ def finetune_config(
     Both sides get the same recipe, data, steps, seed, architecture and text tokenizer (the pretrained model's):
     ``side="pretrained"`` starts from ``init``, ``side="scratch"`` from random weights of the same shape.
     """
-    from imglish.model.loading import read_checkpoint
+    from imglish.model.loading import read_checkpoint_metadata
     from imglish.tokenizers.processor import Processor
     from imglish.training.config import build_config
 
     if side not in SIDES:
         raise ValueError(f"side must be one of {SIDES}, got {side!r}")
-    _, meta = read_checkpoint(str(init))
+    meta = read_checkpoint_metadata(init)
     arch = meta.get("config", {}) if meta.get("format") == "imglish/1" else {}
     ov: dict[str, object] = dict(QUICKSTART_FINETUNE.get(task, {}))
     ov.update({
@@ -293,12 +293,11 @@ def _run_one(cfg: Any) -> dict[str, Any]:
 
 
 def _finetune_all(out: Path, data: Path, init: Path, tasks: Sequence[str], seed: int, overrides: dict[str, object],
-                  jobs: int | None, budget_s: float | None, t0: float, state: dict[str, Any],
+                  n_jobs: int, budget_s: float | None, t0: float,
                   timings: dict[str, float]) -> dict[str, dict[str, Any]]:
-    from concurrent.futures import ProcessPoolExecutor
     import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-    n_jobs = _jobs(jobs)
     runs = [(t, side) for t in tasks for side in SIDES]
     done: dict[tuple[str, str], dict[str, Any]] = {}
     todo = []
@@ -318,7 +317,7 @@ def _finetune_all(out: Path, data: Path, init: Path, tasks: Sequence[str], seed:
         cfg = finetune_config(t, side, out / "finetune" / t / side, data, init, seed, ov)
         if budget_s:
             left = budget_s - (time.perf_counter() - t0) - _RESERVE_S / 3
-            remaining = [x for x in todo if (x[0], x[1]) not in done]
+            remaining = [x for x in todo if x not in done]
             share = _FINETUNE_COST.get(t, 60) / max(sum(_FINETUNE_COST.get(x[0], 60) for x in remaining), 1)
             cfg.schedule.time_limit_s = max(left * share * n_jobs, 5.0)
         return cfg
@@ -346,8 +345,6 @@ def _finetune_all(out: Path, data: Path, init: Path, tasks: Sequence[str], seed:
                 while pending and len(futures) < n_jobs:
                     t, side = pending.pop(0)
                     futures[pool.submit(_run_one, make_cfg(t, side))] = (t, side)
-                from concurrent.futures import FIRST_COMPLETED, wait
-
                 finished, _ = wait(list(futures), return_when=FIRST_COMPLETED)
                 for f in finished:
                     t, side = futures.pop(f)
@@ -632,7 +629,9 @@ def write_report(
             "heldout": summary.heldout,
             "model": summary.model_path,
         }
-    _atomic_text(out / "results.json", json.dumps(payload, indent=2) + "\n")
+    from imglish.training.evaluate import write_json
+
+    write_json(out / "results.json", payload)
     return path
 
 
