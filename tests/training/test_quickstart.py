@@ -131,6 +131,20 @@ def test_bad_arguments_are_named(tmp_path):
         quickstart(tmp_path / "x", tasks=["vqa"])
     with pytest.raises(FileNotFoundError, match="--init"):
         quickstart(tmp_path / "x", init=tmp_path / "missing.safetensors")
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"junk")
+    with pytest.raises(ValueError, match="not a valid safetensors file"):
+        quickstart(tmp_path / "x", init=corrupt)
+    foreign = tmp_path / "foreign.safetensors"
+    from safetensors.torch import save_file
+    import torch
+
+    save_file({"w": torch.zeros(2)}, str(foreign))
+    with pytest.raises(ValueError, match="not a model written by imglish"):
+        quickstart(tmp_path / "x", init=foreign)
+    with pytest.raises(ValueError, match="unknown config key 'nosuch.key'"):
+        quickstart(tmp_path / "x", finetune_overrides={"nosuch.key": 3})
+    assert not (tmp_path / "x").exists()  # refused before anything ran
     with pytest.raises(SystemExit, match="--skip-pretraining needs --init"):
         cli_main(["quickstart", "--out", str(tmp_path / "y"), "--skip-pretraining"])
 

@@ -138,8 +138,10 @@ def quickstart(
     for t in tasks:
         if t not in TASK_NAMES:
             raise ValueError(f"unknown task {t!r} in tasks; expected some of {', '.join(TASK_NAMES)}")
-    if init is not None and not Path(init).is_file():
-        raise FileNotFoundError(f"--init {str(init)!r} does not exist (expected a pretrained model.safetensors)")
+    if init is not None:
+        _check_init(init)
+    for t in tasks:  # a bad fine-tune override is named now, not after pretraining
+        build_config(f"{t}_tiny", overrides=dict(QUICKSTART_FINETUNE.get(t, {}), **(finetune_overrides or {})))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -198,6 +200,20 @@ def _jobs(jobs: int | None) -> int:
             raise ValueError(f"jobs must be >= 1, got {jobs}")
         return jobs
     return 2 if (os.cpu_count() or 1) >= 2 else 1
+
+
+def _check_init(init: str | os.PathLike) -> None:
+    """``--init`` must be a model written by imglish (its architecture is in the file), checked before anything runs."""
+    from imglish.model.loading import read_checkpoint_metadata
+
+    if not Path(init).is_file():
+        raise FileNotFoundError(f"--init {str(init)!r} does not exist (expected a pretrained model.safetensors)")
+    meta = read_checkpoint_metadata(init)
+    if meta.get("format") != "imglish/1":
+        raise ValueError(
+            f"--init {str(init)!r} is not a model written by imglish (no imglish/1 metadata): give the "
+            "model.safetensors of `imglish pretrain` or of an earlier quickstart"
+        )
 
 
 def _check_world(data: Path, tasks: Sequence[str]) -> None:
