@@ -403,12 +403,27 @@ def _time_limit_setter(cfg, t0: float, budget_s: float | None, timings: dict[str
     return hook
 
 
-def _plot(history: list[dict[str, float]], path: Path) -> None:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save_figure(fig, path: Path) -> None:
+    """Write a PNG atomically (tmp file + rename) and free the figure."""
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _plot(history: list[dict[str, float]], path: Path) -> None:
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     keys = sorted({k for row in history for k in row if k.startswith("loss/")})
     for k in keys:
@@ -420,18 +435,11 @@ def _plot(history: list[dict[str, float]], path: Path) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    _save_figure(fig, path)
 
 
 def _plot_comparison(results: dict[str, dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     names = list(results)
     fig, axes = plt.subplots(1, len(names), figsize=(2.4 * len(names) + 0.6, 3.4), squeeze=False)
     for ax, t in zip(axes[0], names):
@@ -447,10 +455,7 @@ def _plot_comparison(results: dict[str, dict[str, Any]], path: Path) -> None:
     fig.suptitle("imglish quickstart: fine-tuned from the pretrained model vs from random weights (test split)",
                  fontsize=9)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    _save_figure(fig, path)
 
 
 def _atomic_text(path: Path, text: str) -> None:
