@@ -41,6 +41,8 @@ _EXPORTS: dict[str, str] = {
     "evaluate": "imglish.training.evaluate",
     "score": "imglish.training.evaluate",
     "list_tasks": "imglish.tasks",
+    # inference
+    "pipeline": "imglish.inference",
 }
 
 __all__ = sorted(_EXPORTS)

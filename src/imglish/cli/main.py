@@ -15,7 +15,9 @@ __all__ = ["build_parser", "main"]
 
 # Modules that contribute subcommands; each defines ``register(subparsers) -> None`` and sets
 # ``func`` on its parsers via ``set_defaults(func=...)`` where ``func(args) -> int``.
-_COMMAND_MODULES = ("model_cmds", "tokenizer_cmds", "data_cmds", "train_cmds", "task_cmds")
+_COMMAND_MODULES = (
+    "model_cmds", "tokenizer_cmds", "data_cmds", "train_cmds", "task_cmds", "predict_cmds", "embed_cmds", "serve_cmds",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
