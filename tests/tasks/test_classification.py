@@ -58,3 +58,18 @@ def test_mixup_cutmix_seeded_and_smoothed(task_world, tmp_path):
     assert torch.allclose(a["target"].sum(-1), torch.ones(4))
     assert float(a["target"].min()) >= 0.1 / task.num_classes - 1e-6  # smoothing floor
     assert not torch.equal(a["image"], batch["image"])
+
+
+def test_predict_classify_on_the_finetuned_model_agrees_with_evaluation(imagenet_run, task_world, capsys):
+    """`imglish predict classify` on the run's model.safetensors gives, per val image, the top-5 of the run's own
+    evaluation (predictions.json), named by the class folders kept in task.json."""
+    from imglish.cli.main import main
+
+    _, out = imagenet_run
+    preds = {p["image"]: p for p in json.loads((out / "predictions.json").read_text())[:6]}
+    classes = json.loads((out / "task.json").read_text())["state"]["classes"]
+    paths = [str(task_world / "imagenet" / "val" / rel) for rel in preds]
+    assert main(["predict", "classify", "--checkpoint", str(out / "model.safetensors"), *paths, "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    for row, (rel, pred) in zip(rows, preds.items()):
+        assert [r["label"] for r in row["result"]] == [classes[k] for k in pred["top5"]], rel

@@ -57,6 +57,23 @@ def test_vqa_run_writes_metrics_predictions_and_vocab(vqa_run, task_world):
     assert all(set(p) == {"question_id", "answer"} and isinstance(p["answer"], str) for p in preds)
 
 
+def test_predict_vqa_on_the_finetuned_model_agrees_with_evaluation(vqa_run, task_world):
+    """The vqa pipeline on the run's model.safetensors answers each val question as the run's own evaluation did
+    (predictions.json), with the vocabulary kept in task.json."""
+    import imglish
+    from imglish.data.vqav2 import vqa_image_path
+
+    _, out = vqa_run
+    preds = {p["question_id"]: p["answer"] for p in json.loads((out / "predictions.json").read_text())}
+    questions = json.loads((task_world / "vqav2" / "v2_OpenEnded_mscoco_val2014_questions.json").read_text())
+    asked = [q for q in questions["questions"] if q["question_id"] in preds][:8]
+    assert asked
+    pipe = imglish.pipeline("vqa", out / "model.safetensors", device="cpu")
+    images = [vqa_image_path(task_world / "coco", "val2014", q["image_id"]) for q in asked]
+    got = pipe(images, question=[q["question"] for q in asked])
+    assert [g[0]["answer"] for g in got] == [preds[q["question_id"]] for q in asked]
+
+
 def test_vqa_learns_above_most_frequent_answer(vqa_run, task_world):
     summary, _ = vqa_run
     anns = json.loads((task_world / "vqav2" / "v2_mscoco_train2014_annotations.json").read_text())["annotations"]
