@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from PIL import Image
 
 from imglish.tokenizers.image import ImageLoadError, load_image, to_rgb
 
-__all__ = ["InputError", "describe", "to_image"]
+__all__ = ["ImageTooLarge", "InputError", "describe", "to_image"]
 
 
 class InputError(ValueError):
@@ -42,19 +43,28 @@ def describe(item: Any) -> str:
     return f"<{type(item).__name__}>"
 
 
+class ImageTooLarge(InputError):
+    """An image with more pixels than ``max_pixels`` (found from its header, before decoding)."""
+
+
 def _check_pixels(width: int, height: int, max_pixels: int | None, name: str) -> None:
     if max_pixels is not None and width * height > max_pixels:
-        raise InputError(
+        raise ImageTooLarge(
             f"image {name} is {width}x{height} = {width * height} pixels; at most {max_pixels} are accepted"
         )
 
 
-def _header_size(source: Any) -> tuple[int, int] | None:
-    """``(width, height)`` from the file header (nothing decoded), or None when Pillow cannot identify it."""
+def _header_size(source: Any, max_pixels: int, name: str) -> tuple[int, int] | None:
+    """``(width, height)`` from the file header (nothing decoded), or None when Pillow cannot identify it; raises
+    :class:`ImageTooLarge` for a header past Pillow's own decompression-bomb limit."""
     fp = io.BytesIO(bytes(source)) if isinstance(source, (bytes, bytearray)) else source
     try:
         with Image.open(fp) as im:
             return im.size
+    except Image.DecompressionBombError as err:  # Pillow refuses to open it at all: far over any sane limit
+        found = re.search(r"\((\d+) pixels\)", str(err))
+        size = f"{found.group(1)} pixels" if found else "more pixels than Pillow opens"
+        raise ImageTooLarge(f"image {name} is {size}; at most {max_pixels} are accepted") from None
     except Exception:  # the loader reports the real cause
         return None
 
@@ -109,7 +119,7 @@ def to_image(item: Any, *, max_pixels: int | None = None, name: str | None = Non
             cause = "is a directory, not an image file" if Path(item).is_dir() else "no such file"
             raise InputError(f"image {label}: {cause}")
         if max_pixels is not None:
-            size = _header_size(item)
+            size = _header_size(item, max_pixels, label)
             if size is not None:
                 _check_pixels(*size, max_pixels, label)
         try:
