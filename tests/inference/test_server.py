@@ -131,6 +131,9 @@ def test_bad_uploads_are_json_4xx_naming_the_problem(client, bad_files, images):
         assert body["status"] == r.status_code and body["error"], what
     assert "900000000 pixels" in client.post(*_bad_uploads(bad_files)["huge-dimension PNG"][:1],
                                         files=_bad_uploads(bad_files)["huge-dimension PNG"][1]).json()["error"]
+    # under Pillow's own bomb guard but over max_pixels: refused from the header, before decoding
+    r = client.post("/v1/classify", files={"image": ("wide.png", huge_png(8000, 6000), "image/png")})
+    assert r.status_code == 413 and "8000x6000 = 48000000 pixels" in r.json()["error"]
     assert "image is required" in client.post("/v1/classify").json()["error"]
     # a body over max_upload_bytes: 413 before parsing
     big = {"image": ("big.png", os.urandom(300 * 1024), "image/png")}
@@ -229,10 +232,13 @@ def test_batcher_groups_by_pipeline_and_forward_parameters(pipes, images):
     futures = []
     b.start()
     try:
+        for _ in range(7):  # seven handlers are reading requests: the first request waits for company
+            b.announce()
         for i in range(4):
-            futures.append(b.submit(spy_cls, x, {}, {"top_k": 1}))
+            futures.append(b.submit(spy_cls, x, {}, {"top_k": 1}, announced=True))
         for beams in (1, 2, 1):
-            futures.append(b.submit(spy_cap, x, {"num_beams": beams, "max_length": 4, "length_penalty": 0.6}, {}))
+            futures.append(b.submit(spy_cap, x, {"num_beams": beams, "max_length": 4, "length_penalty": 0.6}, {},
+                                    announced=True))
         results = [f.result(timeout=60) for f in futures]
     finally:
         b.stop()
@@ -246,12 +252,23 @@ def test_batcher_groups_by_pipeline_and_forward_parameters(pipes, images):
     full = Batcher(ServeConfig(max_queue=1, max_wait_ms=10_000))
     full.start()
     try:
-        waiting = full.submit(spy_cls, x, {}, {"top_k": 1})  # waits up to 10 s for company
+        full.announce()
+        full.announce()  # one more is on its way
+        waiting = full.submit(spy_cls, x, {}, {"top_k": 1}, announced=True)  # waits up to 10 s for company
         with pytest.raises(QueueFull, match="max_queue 1"):
             full.submit(spy_cls, x, {}, {"top_k": 1})
     finally:
         full.stop()
     assert waiting.result(timeout=30) == results[0]  # stopping runs what is waiting instead of dropping it
+    # with nothing announced a lone request does not wait for max_wait_ms
+    lone = Batcher(ServeConfig(max_wait_ms=10_000))
+    lone.start()
+    try:
+        t0 = time.monotonic()
+        assert lone.submit(spy_cls, x, {}, {"top_k": 1}).result(timeout=30) == results[0]
+        assert time.monotonic() - t0 < 5
+    finally:
+        lone.stop()
 
 
 def test_load_pipelines_errors(checkpoints, tmp_path):

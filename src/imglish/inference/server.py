@@ -12,10 +12,11 @@ How a request is answered:
 2. **Preprocess in the handler** (in a worker thread, so the event loop keeps serving): the upload is decoded and
    transformed, the text tokenized, the parameters checked, exactly as the Python pipeline does. Anything wrong with
    the input is a 4xx here, before it can take a place in the queue.
-3. **The batcher.** One inference thread owns every model. It takes the oldest waiting request, waits at most
-   ``max_wait_ms`` from that request's arrival for more requests that can share its forward (same pipeline, same
-   forward parameters, same tensors: a caption with 5 beams does not go with one with 3), up to ``max_batch``, and
-   runs them as one batch, then the postprocessing of each. When ``max_queue`` requests are already waiting a new
+3. **The batcher.** One inference thread owns every model. It takes the oldest waiting request and, while other
+   requests are still being read and preprocessed by handlers, waits at most ``max_wait_ms`` from that request's
+   arrival for more requests that can share its forward (same pipeline, same forward parameters, same tensors: a
+   caption with 5 beams does not go with one with 3), up to ``max_batch``; then it runs them as one batch and the
+   postprocessing of each. A lone request (nothing else arriving) does not wait. When ``max_queue`` requests are already waiting a new
    one gets 503 at once; a request not answered within ``timeout_s`` gets 503 and its place is dropped.
 4. **Answers** are the pipeline's shapes as JSON. Every error is JSON ``{"error": "...", "status": N}`` naming the
    problem; bad input is never a 500, and a failing batch answers its own requests with 500 and the server goes on.
@@ -142,6 +143,7 @@ class Batcher:
         self.batches = 0
         self.batch_sizes: collections.Counter[int] = collections.Counter()
         self.expired = 0
+        self._incoming = 0  # requests announced by handlers (being read and preprocessed), not yet submitted
 
     # ------------------------------------------------------------------ life
     def start(self) -> None:
@@ -166,12 +168,27 @@ class Batcher:
         return len(self._waiting)
 
     # ------------------------------------------------------------------ requests
-    def submit(self, pipe: Any, tensors: dict[str, Any], fwd: dict[str, Any], post: dict[str, Any]
-               ) -> concurrent.futures.Future:
+    def announce(self) -> None:
+        """A handler has started reading a request that will probably be submitted: while any are announced, the
+        oldest waiting request waits (up to ``max_wait_ms``) for company; with none it runs at once."""
+        with self._cond:
+            self._incoming += 1
+
+    def withdraw(self) -> None:
+        """An announced request will not be submitted after all (bad input)."""
+        with self._cond:
+            self._incoming = max(0, self._incoming - 1)
+            self._cond.notify_all()
+
+    def submit(self, pipe: Any, tensors: dict[str, Any], fwd: dict[str, Any], post: dict[str, Any],
+               announced: bool = False) -> concurrent.futures.Future:
         key = (id(pipe), tuple(sorted((k, tuple(v.shape)) for k, v in tensors.items())),
                tuple(sorted(fwd.items())))
         job = _Job(pipe, tensors, fwd, post, key, time.monotonic(), concurrent.futures.Future())
         with self._cond:
+            if announced:
+                self._incoming = max(0, self._incoming - 1)
+                self._cond.notify_all()
             if self._closed or self._thread is None:
                 raise RuntimeError("the inference thread is not running")
             if len(self._waiting) >= self.config.max_queue:
@@ -206,7 +223,7 @@ class Batcher:
             while not self._closed:
                 same = sum(1 for j in self._waiting if j.key == first.key and not j.dropped)
                 left = deadline - time.monotonic()
-                if same >= cfg.max_batch or left <= 0:
+                if same >= cfg.max_batch or left <= 0 or self._incoming == 0:
                     break
                 self._cond.wait(left)
             batch, rest = [], collections.deque()
@@ -497,17 +514,21 @@ def create_app(pipelines: Mapping[str, Any], config: ServeConfig | None = None) 
             loaded = ", ".join(sorted(pipes)) or "none"
             return error(404, f"no {task} model is loaded (loaded: {loaded}); start imglish serve with "
                               f"--checkpoint a {model_task} checkpoint (made by {made_by})", task)
+        batcher.announce()
         try:
             example = await build()
             checked = pipe.check_params(**{k: v for k, v in params.items() if v is not None})
             fwd, post = pipe.split_params(checked)
             tensors = await run_in_threadpool(pipe.preprocess, example)
-        except ImageTooLarge as err:
-            return error(413, str(err), task)
-        except InputError as err:
-            return error(422, str(err), task)
+        except BaseException as err:
+            batcher.withdraw()
+            if isinstance(err, ImageTooLarge):
+                return error(413, str(err), task)
+            if isinstance(err, InputError):
+                return error(422, str(err), task)
+            raise
         try:
-            future = batcher.submit(pipe, tensors, fwd, post)
+            future = batcher.submit(pipe, tensors, fwd, post, announced=True)
         except QueueFull as err:
             return error(503, str(err), task, {"Retry-After": "1"})
         try:
