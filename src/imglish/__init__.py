@@ -43,6 +43,8 @@ _EXPORTS: dict[str, str] = {
     "list_tasks": "imglish.tasks",
     # inference
     "pipeline": "imglish.inference",
+    # export
+    "export_onnx": "imglish.export",
 }
 
 __all__ = sorted(_EXPORTS)

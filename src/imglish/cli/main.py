@@ -17,6 +17,7 @@ __all__ = ["build_parser", "main"]
 # ``func`` on its parsers via ``set_defaults(func=...)`` where ``func(args) -> int``.
 _COMMAND_MODULES = (
     "model_cmds", "tokenizer_cmds", "data_cmds", "train_cmds", "task_cmds", "predict_cmds", "embed_cmds", "serve_cmds",
+    "export_cmds",
 )
 
 

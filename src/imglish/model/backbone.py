@@ -446,7 +446,9 @@ class BEiT3(nn.Module):
         pad = padding_mask.bool() if padding_mask is not None else None
         if pad is not None:
             xt = xt * (~pad).unsqueeze(-1).to(xt.dtype)  # padded positions are zeroed, as officially
-            if not bool(pad.any()):
+            # an all-False mask changes nothing; dropping it lets attention take its unmasked kernel (a
+            # data-dependent test, skipped under torch.compile / torch.export, which keep the mask)
+            if not torch.compiler.is_compiling() and not bool(pad.any()):
                 pad = None
         key_pad = self._key_padding(pad, xv, xt, n_vision, cache)
         num_queries = n_vision + (xt.shape[1] if xt is not None else 0)
@@ -593,7 +595,9 @@ class BEiT3(nn.Module):
                     f"text of {start + text_ids.shape[1]} tokens is longer than the position table allows "
                     f"({cfg.max_text_len} = max_source_positions {cfg.max_source_positions} - 2)"
                 )
-            if text_ids.numel() and (int(text_ids.min()) < 0 or int(text_ids.max()) >= cfg.vocab_size):
+            # a value check (data-dependent: eager only, not under torch.compile / torch.export)
+            if (text_ids.numel() and not torch.compiler.is_compiling()
+                    and (int(text_ids.min()) < 0 or int(text_ids.max()) >= cfg.vocab_size)):
                 raise ValueError(
                     f"text_ids must be in [0, {cfg.vocab_size}), got values in "
                     f"[{int(text_ids.min())}, {int(text_ids.max())}]"
