@@ -11,12 +11,12 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-import imglish  # noqa: E402
-from imglish.cli.main import main  # noqa: E402
-from imglish.export import export_onnx, verify_onnx  # noqa: E402
-from imglish.export.onnx import example_inputs, onnx_greedy_search  # noqa: E402
-from imglish.generation import GenerationConfig, greedy_search  # noqa: E402
-from tests.inference.conftest import infer_tokenizer, make_checkpoint  # noqa: E402, F401 (a fixture)
+import imglish
+from imglish.cli.main import main
+from imglish.export import export_onnx, verify_onnx
+from imglish.export.onnx import example_inputs, onnx_greedy_search
+from imglish.generation import GenerationConfig, greedy_search
+from tests.inference.conftest import make_checkpoint
 
 VOCAB = 64
 IMG = 32
@@ -90,7 +90,7 @@ def test_caption_parts_have_the_cache_as_inputs_and_outputs(caption_files):
     model, results = caption_files
     cfg = model.config
     heads, head_dim = cfg.num_heads, cfg.embed_dim // cfg.num_heads
-    for part, result in results.items():
+    for result in results.values():
         assert result.outputs == ["logits", "present_keys", "present_values"]
         assert all(diff <= 1e-4 for diff in result.max_abs_diff.values())
         graph = onnx.load(str(result.path)).graph
@@ -144,10 +144,10 @@ def test_cli_exports_a_finetuned_checkpoint_with_external_data(tmp_path, infer_t
 
 
 @pytest.mark.parametrize(("kind", "part", "message"), [
-    ("retrieval", "model", "part 'model' exports imageclassification or vqav2 or nlvr2 models, this is a retrieval "
-                           "model; its parts are image_encoder, text_encoder"),
-    ("caption", "image_encoder", "part 'image_encoder' exports retrieval models, this is a captioning model; its "
-                                 "parts are encoder, decoder_step"),
+    ("retrieval", "model", ("part 'model' exports imageclassification or vqav2 or nlvr2 models, this is a "
+                            "retrieval model; its parts are image_encoder, text_encoder")),
+    ("caption", "image_encoder", ("part 'image_encoder' exports retrieval models, this is a captioning model; its "
+                                  "parts are encoder, decoder_step")),
 ])
 def test_cli_wrong_part_is_one_line_and_exit_2(tmp_path, infer_tokenizer, capsys, kind, part, message):
     checkpoint = make_checkpoint(tmp_path / "ck", kind, infer_tokenizer)

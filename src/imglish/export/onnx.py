@@ -49,8 +49,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["PARTS", "ExportResult", "export_onnx", "example_inputs", "export_module", "onnx_greedy_search",
-           "verify_onnx"]
+__all__ = [
+    "PARTS",
+    "ExportResult",
+    "example_inputs",
+    "export_module",
+    "export_onnx",
+    "onnx_greedy_search",
+    "verify_onnx",
+]
 
 #: part -> the model tasks it applies to
 PARTS: dict[str, tuple[str, ...]] = {
@@ -233,7 +240,7 @@ def _dynamic_shapes(part: str, inputs: dict[str, Tensor], max_text: int) -> dict
     batch = Dim("batch", min=1, max=4096)
     text = Dim("text_len", min=2, max=max_text)
     shapes: dict[str, dict[int, Any]] = {}
-    for name, t in inputs.items():
+    for name in inputs:
         if name.startswith("image"):
             shapes[name] = {0: batch}
         elif name in ("past_keys", "past_values"):
