@@ -238,3 +238,39 @@ def test_cli(checkpoints, folder, bad_files, tmp_path, capsys):
     fails(["--texts", str(blank), "--out", str(tmp_path / "x.st")], "none of the 2 inputs")
     # --resume on the finished output is a no-op that succeeds
     assert main([*base, "--images", str(folder), "--out", str(out), "--batch-size", "4", "--resume"]) == 0
+
+
+def _torchrun_embed(*args: str):
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(repo / "src"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "imglish.cli.main", "embed", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+
+
+def test_two_processes_write_the_file_of_one(checkpoints, folder, tmp_path):
+    kw = dict(images=folder, batch_size=2, part_batches=1, device="cpu")
+    embed(checkpoints["retrieval"], out=tmp_path / "one.safetensors", **kw)
+    one = load_embeddings(tmp_path / "one.safetensors")
+    flags = ["--checkpoint", str(checkpoints["retrieval"]), "--images", str(folder), "--batch-size", "2",
+             "--part-batches", "1", "--workers", "0", "--device", "cpu", "--quiet"]
+    # from nothing: the parts are shared out between the ranks and rank 0 joins them
+    done = _torchrun_embed(*flags, "--out", str(tmp_path / "two.safetensors"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("wrote ") == 1 and "7 image embeddings" in done.stdout  # rank 0 reports for all
+    two = load_embeddings(tmp_path / "two.safetensors")
+    assert two[0] == one[0] and two[2]["skipped_records"] == one[2]["skipped_records"]
+    torch.testing.assert_close(two[1], one[1], atol=1e-6, rtol=0)
+    assert not (tmp_path / "two.safetensors.parts").exists()
+    # a single-process run stopped after 2 parts, resumed by 2 processes: the same file again
+    out = tmp_path / "three.safetensors"
+    assert not embed(checkpoints["retrieval"], out=out, stop_after_parts=2, **kw).complete
+    done = _torchrun_embed(*flags, "--out", str(out), "--resume")
+    assert done.returncode == 0, done.stderr[-3000:]
+    three = load_embeddings(out)
+    assert three[0] == one[0] and three[2]["skipped"] == one[2]["skipped"]
+    torch.testing.assert_close(three[1], one[1], atol=1e-6, rtol=0)

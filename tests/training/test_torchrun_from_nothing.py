@@ -1,8 +1,10 @@
-"""`imglish pretrain` under torchrun from an empty run folder: rank 0 trains the tokenizers alone (no collective the
-other rank would never enter) and both ranks then pretrain. This used to hang in the VQ-KD k-means broadcast."""
+"""`imglish pretrain` under torchrun (FSDP) from an empty run folder: rank 0 trains the tokenizers alone (no
+collective the other rank would never enter), both ranks then pretrain, and the held-out evaluation runs on the
+exported model. This used to hang in the VQ-KD k-means broadcast (and FSDP skipped the held-out evaluation)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -22,9 +24,13 @@ def test_two_process_pretrain_trains_its_tokenizers_without_hanging(tmp_path):
            "imglish.cli.main", "pretrain", "--preset", "tiny", "--data", str(world), "--out", str(run),
            "--max-steps", "2", "--data.visual_tokenizer_steps", "3", "--data.image_batch", "4", "--data.text_batch", "4",
            "--data.pair_batch", "4", "--parallel.backend", "gloo", "--parallel.device", "cpu",
-           "--logging.progress", "false", "--logging.tensorboard", "false", "--parallel.threads", "1"]
+           "--logging.progress", "false", "--logging.tensorboard", "false", "--parallel.threads", "1",
+           "--parallel.strategy", "fsdp", "--data.heldout_batches", "1"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (run / "tokenizers" / "vqkd" / "vqkd.safetensors").is_file()
     assert (run / "tokenizers" / "text.model").is_file()
     assert (run / "model.safetensors").is_file()
+    heldout = json.loads((run / "summary.json").read_text())["heldout"]
+    assert {"image.mim", "text.mlm"} <= set(heldout)
+    assert all(0.0 <= term["accuracy"] <= 1.0 for term in heldout.values())

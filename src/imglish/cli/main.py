@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"imglish {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except TimeoutError as err:  # parallel.DistributedTimeout: a rank waited too long for the others
+        print(f"imglish {args.command}: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from imglish.cli.train_cmds import _config_keys, _overrides
 
@@ -18,6 +19,10 @@ def _add_config_keys(p: argparse.ArgumentParser) -> None:
     group = p.add_argument_group("config keys", "every field of the configuration tree, as --section.key VALUE")
     for key in _config_keys():
         group.add_argument(f"--{key}", dest="cfg__" + key.replace(".", "__"), metavar="VALUE", default=argparse.SUPPRESS)
+
+
+def _is_main_rank() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _print_metrics(doc: dict) -> None:
@@ -41,6 +46,8 @@ def _finetune(args: argparse.Namespace) -> int:
     ov["task.name"] = args.task
     cfg = build_config(args.preset if args.preset or not args.config else None, args.config, ov, task=args.task)
     summary = finetune(cfg)
+    if not _is_main_rank():  # under torchrun rank 0 reports
+        return 0
     print(f"wrote {summary.model_path}")
     shown = ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.metrics.items())
     print(f"{summary.task} {summary.split}: {shown}")
@@ -55,7 +62,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     ov.pop("data.path", None)
     result = evaluate(args.task, args.data, args.checkpoint, args.out, split=args.split, model=args.model,
                       preset=args.preset, overrides=ov)
-    _print_metrics(metrics_document(result))
+    if _is_main_rank():
+        _print_metrics(metrics_document(result))
     return 0
 
 

@@ -22,6 +22,10 @@ How it works:
   continues after the last complete part; since batches are fixed by record position, the resumed run computes the
   same batches as an uninterrupted one and its final file is the same. At the end the parts are joined into ``OUT``
   (written atomically) and the parts folder is removed.
+* **Ranks.** Under ``torchrun`` each process embeds the parts ``k`` with ``k % world_size == rank`` on its own
+  device (``cuda:LOCAL_RANK`` on GPUs) and records them in ``OUT.parts/progress-rankR.json`` (rank 0 in
+  ``progress.json``); rank 0 joins all parts in part order, so the file is the one a single process writes. A
+  resume may use another number of processes.
 
 Output format (``OUT``, safetensors): tensor ``embeddings`` (N, D) float32; string metadata ``format``
 (``imglish-embeddings/1``), ``kind`` (``image``/``text``), ``ids`` (JSON list, row order), ``count``, ``dim``,
@@ -268,17 +272,18 @@ def _collate(rows: list[Any]) -> tuple[list[int], list[str], dict[str, torch.Ten
 
 
 class _RangeBatches:
-    """Batch sampler: batches ``first..`` of fixed record ranges ``[b * size, (b + 1) * size)``."""
+    """Batch sampler: the given batch numbers, batch ``b`` being the fixed record range ``[b * size, (b + 1) *
+    size)``."""
 
-    def __init__(self, n: int, size: int, first: int) -> None:
-        self.n, self.size, self.first = n, size, first
+    def __init__(self, n: int, size: int, batches: Sequence[int]) -> None:
+        self.n, self.size, self.batches = n, size, list(batches)
 
     def __iter__(self) -> Iterator[list[int]]:
-        for b in range(self.first, -(-self.n // self.size)):
+        for b in self.batches:
             yield list(range(b * self.size, min((b + 1) * self.size, self.n)))
 
     def __len__(self) -> int:
-        return max(0, -(-self.n // self.size) - self.first)
+        return len(self.batches)
 
 
 # ============================================================================================= files
@@ -449,6 +454,9 @@ def embed(
         raise ValueError(f"part_batches must be a positive integer, got {part_batches!r}")
     out = Path(out)
     parts = out.with_name(out.name + ".parts")
+    rank, world = _rank_and_world()
+    if world > 1 and torch.cuda.is_available() and (device is None or str(device) == "cuda"):
+        device = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"  # one GPU per process
     if not resume and (out.exists() or parts.exists()):
         which = out if out.exists() else parts
         raise ValueError(f"{which} already exists: pass --resume to continue that run, or remove it")
@@ -480,34 +488,36 @@ def embed(
     # ---- where to start
     if resume and out.exists() and not parts.exists():
         return _already_done(out, job, index)
-    done_parts = _read_progress(parts, job) if resume and parts.exists() else 0
-    parts.mkdir(parents=True, exist_ok=True)
-    if done_parts == 0:
-        _write_progress(parts, job, 0)
+    complete = _read_progress(parts, job) if resume and parts.exists() else set()
+    _wait(world, "every rank to read the state of the parts folder")
+    if rank == 0:  # progress.json lists every finished part (also those other ranks recorded before)
+        parts.mkdir(parents=True, exist_ok=True)
+        _write_progress(parts, job, sorted(complete), 0)
+    _wait(world, "rank 0 to create the parts folder")
 
-    rows_done = 0
-    prior_skipped: list[SkippedRecord] = []
-    for k in range(done_parts):
-        n, skipped = _part_info(_part_path(parts, k))
-        rows_done += n
-        prior_skipped.extend(skipped)
-    counter.absorb(prior_skipped)
-    first_batch = done_parts * part_batches
-    first_record = min(first_batch * batch_size, len(index.records))
     n_batches = -(-len(index.records) // batch_size)
+    n_parts = max(1, -(-n_batches // part_batches))
+    mine = [k for k in range(n_parts) if k not in complete and k % world == rank]
+    batches = [b for k in mine for b in range(k * part_batches, min((k + 1) * part_batches, n_batches))]
+    resumed = sum(_part_records(k, part_batches, batch_size, len(index.records)) for k in complete)
+    for k in sorted(complete):  # the bad records of finished parts count in this run's totals too
+        counter.absorb(_part_info(_part_path(parts, k))[1])
+    my_complete = sorted(complete) if rank == 0 else []
 
     # ---- the loop
     worker_pipe = copy.copy(pipe)
     worker_pipe.model = None  # workers only preprocess; do not ship the weights
     dataset = _EmbedDataset(index.records, index.kind, worker_pipe, Path(index.source).name)
-    loader = DataLoader(dataset, batch_sampler=_RangeBatches(len(index.records), batch_size, first_batch),
+    loader = DataLoader(dataset, batch_sampler=_RangeBatches(len(index.records), batch_size, batches),
                         num_workers=num_workers, collate_fn=_collate, persistent_workers=False)
     bar = None
-    if progress:
+    if progress and rank == 0:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(index.records), initial=first_record, desc=f"embed {index.kind}s",
-                   unit="img" if index.kind == "image" else "text", dynamic_ncols=True)
+        mine_total = sum(_part_records(k, part_batches, batch_size, len(index.records)) for k in mine)
+        desc = f"embed {index.kind}s" + (f" (rank 0 of {world})" if world > 1 else "")
+        bar = tqdm(total=mine_total, desc=desc, unit="img" if index.kind == "image" else "text",
+                   dynamic_ncols=True)
     dim = 0
     written_now = 0
     pending_emb: list[torch.Tensor] = []
@@ -515,16 +525,15 @@ def embed(
     pending_skip: list[SkippedRecord] = []
     index_bad = sorted(index.bad, key=lambda t: t[0])
     start = time.perf_counter()
-    batch_no = first_batch
     stopped = False
     try:
-        for positions, _ids, tensors, skipped in loader:
+        for batch_no, (positions, _ids, tensors, skipped) in zip(batches, loader):
             lo, hi = batch_no * batch_size, min((batch_no + 1) * batch_size, len(index.records))
             # records found bad while indexing sit between records; give them to the part that covers their place
             upper = hi if hi < len(index.records) else len(index.records) + 1
             pending_skip.extend(r for pos, r in index_bad if lo <= pos < upper)
             if strict and skipped:
-                _raise_strict(skipped[0], parts, done_parts + written_now)
+                _raise_strict(skipped[0], parts, len(complete) + written_now)
             pending_skip.extend(skipped)
             counter.absorb(skipped)
             if tensors is not None:
@@ -535,41 +544,83 @@ def embed(
                 bar.update(hi - lo)
                 if counter.total:
                     bar.set_postfix(skipped=counter.total, refresh=False)
-            batch_no += 1
-            if batch_no % part_batches == 0 or batch_no == n_batches:
-                part = done_parts + written_now
+            if (batch_no + 1) % part_batches == 0 or batch_no + 1 == n_batches:
+                part = batch_no // part_batches
                 d = _write_part(parts, part, pending_emb, pending_idx, pending_skip)
                 dim = dim or d
-                rows_done += len(pending_idx)
                 written_now += 1
-                _write_progress(parts, job, part + 1)
+                my_complete.append(part)
+                _write_progress(parts, job, my_complete, rank)
                 pending_emb, pending_idx, pending_skip = [], [], []
                 if on_part is not None:
-                    on_part(part + 1)
-                if stop_after_parts is not None and written_now >= stop_after_parts and batch_no < n_batches:
+                    on_part(len(complete) + written_now if world == 1 else written_now)
+                if stop_after_parts is not None and written_now >= stop_after_parts and written_now < len(mine):
                     stopped = True
                     break
-        if n_batches == 0:  # every record was found bad while indexing: one empty part lists them
+        if n_batches == 0 and rank == 0:  # every record was found bad while indexing: one empty part lists them
             _write_part(parts, 0, [], [], [r for _, r in index_bad])
+            _write_progress(parts, job, [0], rank)
             written_now = 1
     finally:
         if bar is not None:
             bar.close()
     seconds = time.perf_counter() - start
+    if world > 1:
+        from imglish.training import parallel
+
+        stopped = any(parallel.all_gather_objects(stopped))  # also waits for every rank's parts
     if stopped:
-        return EmbedSummary(out, index.kind, rows_done, dim, counter.total, counter.counts, counter.records(),
-                            complete=False, resumed_records=first_record, seconds=seconds)
+        done = sorted(_read_progress(parts, job))
+        rows = sum(_part_info(_part_path(parts, k))[0] for k in done)
+        return EmbedSummary(out, index.kind, rows, dim, counter.total, counter.counts, counter.records(),
+                            complete=False, resumed_records=resumed, seconds=seconds)
+    if rank != 0:
+        _wait(world, "rank 0 to join the parts into the output file")
+        summary = _already_done(out, job, index)
+        summary.resumed_records, summary.seconds = resumed, seconds
+        return summary
+    missing = sorted(set(range(n_parts)) - _read_progress(parts, job))
+    if missing:
+        raise ValueError(f"parts {missing[:5]} of {parts} are missing after every rank finished: rerun with --resume")
+    infos = [_part_info(_part_path(parts, k)) for k in range(n_parts)]
+    rows_done = sum(n for n, _ in infos)
     # the skipped records in part order: the same list for a resumed and an uninterrupted run
-    records = [r for k in range(done_parts + written_now) for r in _part_info(_part_path(parts, k))[1]]
+    records = [r for _, skipped in infos for r in skipped]
     summary = EmbedSummary(out, index.kind, rows_done, dim, len(records), dict(Counter(r.reason for r in records)),
-                           records, complete=True, resumed_records=first_record, seconds=seconds)
+                           records, complete=True, resumed_records=resumed, seconds=seconds)
     if rows_done == 0:
         shutil.rmtree(parts)
+        _wait(world, "rank 0 to join the parts into the output file")
         raise ValueError(f"none of the {len(index.records) + len(index.bad)} inputs of {index.source} could be "
                          f"embedded; {summary.skipped_line()}")
-    summary.dim = _join_parts(parts, done_parts + written_now, out, job, index, records)
+    summary.dim = _join_parts(parts, n_parts, out, job, index, records)
     shutil.rmtree(parts)
+    _wait(world, "rank 0 to join the parts into the output file")
     return summary
+
+
+def _rank_and_world() -> tuple[int, int]:
+    """This process's rank and the world size under torchrun (joining the process group), else (0, 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    from imglish.training import parallel
+
+    info = parallel.init_distributed("gloo")  # only objects and barriers go between the ranks
+    return info.rank, info.world_size
+
+
+def _wait(world: int, what: str) -> None:
+    if world > 1:
+        from imglish.training import parallel
+
+        parallel.barrier(what)
+
+
+def _part_records(k: int, part_batches: int, batch_size: int, n: int) -> int:
+    """How many records part ``k`` covers."""
+    lo = k * part_batches * batch_size
+    return max(0, min(n, (k + 1) * part_batches * batch_size) - lo)
 
 
 def _raise_strict(rec: SkippedRecord, parts: Path | None = None, complete: int = 0) -> None:
@@ -602,13 +653,18 @@ def _part_info(path: Path) -> tuple[int, list[SkippedRecord]]:
     return n, skipped
 
 
-def _write_progress(parts: Path, job: dict[str, Any], complete: int) -> None:
+def _write_progress(parts: Path, job: dict[str, Any], complete: Sequence[int], rank: int) -> None:
+    """Record the parts ``rank`` has finished: rank 0 in ``progress.json`` (with the job), others beside it."""
     from imglish.training.evaluate import write_json
 
-    write_json(parts / _PROGRESS, {**job, "complete_parts": complete})
+    if rank == 0:
+        write_json(parts / _PROGRESS, {**job, "complete": sorted(complete)})
+    else:
+        write_json(parts / f"progress-rank{rank}.json", {"complete": sorted(complete)})
 
 
-def _read_progress(parts: Path, job: dict[str, Any]) -> int:
+def _read_progress(parts: Path, job: dict[str, Any]) -> set[int]:
+    """The finished parts recorded by every rank (checking that the job is the same)."""
     path = parts / _PROGRESS
     try:
         state = json.loads(path.read_text())
@@ -623,7 +679,13 @@ def _read_progress(parts: Path, job: dict[str, Any]) -> int:
                              f"run; remove {parts} to start again")
         raise ValueError(f"cannot resume {parts}: {key} was {state.get(key)!r} in the interrupted run, now "
                          f"{value!r}; use the same {key} or remove {parts} to start again")
-    return int(state.get("complete_parts", 0))
+    complete = {int(k) for k in state.get("complete", [])}
+    for other in sorted(parts.glob("progress-rank*.json")):
+        try:
+            complete |= {int(k) for k in json.loads(other.read_text()).get("complete", [])}
+        except (OSError, ValueError, AttributeError) as err:
+            raise ValueError(f"cannot resume: {other} is unreadable ({err}); remove {parts} and start again") from None
+    return complete
 
 
 def _already_done(out: Path, job: dict[str, Any], index: _Index) -> EmbedSummary:

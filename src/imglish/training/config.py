@@ -259,6 +259,11 @@ class ParallelConfig:
         backend: process-group backend; ``None`` picks nccl on GPU and gloo on CPU.
         device: ``auto``, ``cpu`` or ``cuda``.
         threads: torch intra-op threads (0 keeps torch's default).
+        timeout_s: how long a rank waits in a collective or at a barrier for the others before it stops with an
+            error naming what it waited for (a rank that died or hangs stops the rest after this long at most;
+            under torchrun the agent also stops them as soon as it sees a worker exit).
+        prepare_timeout_s: how long the other ranks wait for rank 0 to train the tokenizers or precompute the
+            visual targets of a run folder (work only rank 0 does, and that may take long).
     """
 
     precision: str = "fp32"
@@ -269,6 +274,8 @@ class ParallelConfig:
     backend: str | None = None
     device: str = "auto"
     threads: int = 0
+    timeout_s: float = 1800.0
+    prepare_timeout_s: float = 7200.0
 
 
 @dataclass

@@ -296,7 +296,7 @@ def evaluate(
     ov.setdefault("data.path", str(data))
     cfg = build_config(preset, None, ov, task=task)
     device = parallel.resolve_device(cfg.parallel.device, int(os.environ.get("LOCAL_RANK", "0")))
-    info = parallel.init_distributed(cfg.parallel.backend, device)
+    info = parallel.init_distributed(cfg.parallel.backend, device, cfg.parallel.timeout_s)
     if cfg.parallel.threads > 0:
         torch.set_num_threads(cfg.parallel.threads)
     sizes = {k.split(".")[1]: getattr(cfg.model, k.split(".")[1]) for k in ("model.img_size", "model.patch_size")

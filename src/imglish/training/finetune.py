@@ -291,7 +291,7 @@ def finetune(
     if not Path(cfg.data.path).is_dir():
         raise FileNotFoundError(f"data folder {cfg.data.path!r} does not exist")
     device = parallel.resolve_device(cfg.parallel.device, int(os.environ.get("LOCAL_RANK", "0")))
-    info = parallel.init_distributed(cfg.parallel.backend, device)
+    info = parallel.init_distributed(cfg.parallel.backend, device, cfg.parallel.timeout_s)
     if cfg.parallel.threads > 0:
         torch.set_num_threads(cfg.parallel.threads)
     out = Path(cfg.out)
@@ -355,7 +355,7 @@ def finetune(
         transform = TransformConfig.for_task(task.transform_task, cfg.model.img_size)
         Processor(tokenizer, transform, cfg.data.max_text_len).save_next_to(path)
         write_json(out / TASK_FILE, {"task": task.name, "state": task.state_dict()})
-    parallel.barrier()
+    parallel.barrier("rank 0 to write the model, its processor and task.json")
     final = run_evaluation(
         task, eval_model(trainer), cfg.task.eval_split, device=device, dist_info=info, out=out,
         progress=cfg.logging.progress,
@@ -381,5 +381,5 @@ def finetune(
         write_json(out / "summary.json", asdict(summary))
         if bad.total:
             print(f"bad records (training): {bad.summary()}")
-    parallel.barrier()
+    parallel.barrier("rank 0 to write summary.json")
     return summary

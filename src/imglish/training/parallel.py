@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,7 @@ from torch import nn
 
 __all__ = [
     "DistInfo",
+    "DistributedTimeout",
     "all_gather_objects",
     "all_reduce_sum",
     "apply_ac",
@@ -64,7 +66,16 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(backend: str | None = None, device: torch.device | None = None) -> DistInfo:
+#: how long a collective waits for the other ranks unless told otherwise (``parallel.timeout_s``)
+DEFAULT_TIMEOUT_S = 1800.0
+
+
+class DistributedTimeout(TimeoutError):
+    """A rank waited longer than its timeout for the others (the message says what it waited for)."""
+
+
+def init_distributed(backend: str | None = None, device: torch.device | None = None,
+                     timeout_s: float = DEFAULT_TIMEOUT_S) -> DistInfo:
     """Join the process group described by torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``).
 
     Without those variables (a plain ``python`` run) nothing is initialised and rank 0 of 1 is returned.
@@ -72,6 +83,8 @@ def init_distributed(backend: str | None = None, device: torch.device | None = N
     Args:
         backend: ``gloo``, ``nccl``, ...; ``None`` picks nccl for CUDA devices and gloo otherwise.
         device: the device this process will compute on.
+        timeout_s: how long a collective (and a :func:`barrier` without its own timeout) waits for the other
+            ranks before failing: a rank that died or hangs stops the others after this long at most.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
@@ -81,7 +94,7 @@ def init_distributed(backend: str | None = None, device: torch.device | None = N
     if not dist.is_initialized():
         if backend is None:
             backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank)
 
 
@@ -166,7 +179,32 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
-def barrier() -> None:
-    """Wait for every rank (a no-op without a process group)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+def barrier(what: str = "the other ranks", timeout_s: float | None = None) -> None:
+    """Wait for every rank (a no-op without a process group), at most ``timeout_s`` seconds (default: the process
+    group's timeout, ``parallel.timeout_s``).
+
+    Args:
+        what: what the ranks wait for, named in the error (``"rank 0 to train the text tokenizer"``).
+        timeout_s: the longest wait.
+
+    Raises:
+        DistributedTimeout: the wait took longer, or another rank failed while this one waited; the message names
+            ``what``, this rank and the time waited.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    start = time.monotonic()
+    try:
+        work = dist.barrier(async_op=True)
+        if timeout_s:
+            work.wait(datetime.timedelta(seconds=timeout_s))
+        else:
+            work.wait()
+    except RuntimeError as err:
+        waited = time.monotonic() - start
+        detail = " ".join(str(err).split())
+        limit = f"{timeout_s:g} s" if timeout_s else "parallel.timeout_s"
+        raise DistributedTimeout(
+            f"rank {dist.get_rank()} of {dist.get_world_size()} stopped waiting for {what} after {waited:.0f} s "
+            f"(limit {limit}): {detail[:300]}"
+        ) from None

@@ -115,7 +115,7 @@ def prepare_text_tokenizer(
             seed=cfg.seed,
             extra_options={"hard_vocab_limit": False},
         )
-    parallel.barrier()
+    parallel.barrier("rank 0 to train the text tokenizer", cfg.parallel.prepare_timeout_s)
     return TextTokenizer(path)
 
 
@@ -143,7 +143,7 @@ def prepare_visual_tokenizer(cfg: TrainConfig, image_dir: Path | None, is_main: 
 
             with local_training():  # rank 0 alone: no collective the waiting ranks would never enter
                 _train_visual(cfg, image_dir, folder)
-        parallel.barrier()
+        parallel.barrier("rank 0 to train the VQ-KD visual tokenizer", cfg.parallel.prepare_timeout_s)
     model, _ = load_vqkd(path)
     grid = model.config.img_size // model.config.patch_size
     if grid != cfg.model.img_size // cfg.model.patch_size:
@@ -199,7 +199,7 @@ def prepare_precomputed_targets(
         path = Path(cfg.out) / "tokenizers" / "visual_tokens.safetensors"
         if is_main and not path.exists():
             precompute_visual_tokens(visual_tokenizer, root, path, progress=cfg.logging.progress)
-        parallel.barrier()
+        parallel.barrier("rank 0 to precompute the visual targets", cfg.parallel.prepare_timeout_s)
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as fh:
@@ -566,7 +566,7 @@ def pretrain(
     """
     cfg.validate()
     device = parallel.resolve_device(cfg.parallel.device, int(os.environ.get("LOCAL_RANK", "0")))
-    info = parallel.init_distributed(cfg.parallel.backend, device)
+    info = parallel.init_distributed(cfg.parallel.backend, device, cfg.parallel.timeout_s)
     if cfg.parallel.threads > 0:
         torch.set_num_threads(cfg.parallel.threads)
     out = Path(cfg.out)
@@ -694,7 +694,10 @@ def pretrain(
             s: max(n // max(info.world_size * cfg.optim.accum_steps, 1), 1) for s, n in sizes.items() if n
         }
         usable = {s: n for s, n in eval_sizes.items() if heldout_sources.get(s) is not None}
-        if usable and cfg.data.heldout_batches > 0 and trainer.strategy != "fsdp":  # FSDP: sharded model
+        held_model = model
+        if usable and cfg.data.heldout_batches > 0 and trainer.strategy == "fsdp":
+            held_model = _reload_unsharded(out / "model.safetensors", device)  # the trained model is sharded
+        if usable and cfg.data.heldout_batches > 0 and held_model is not None:
             # held-out images are not in the precomputed table: the tokenizer codes them (the same plain view)
             held = StepBatches(
                 heldout_sources, maker(False), usable, cfg.seed + 1, skip_counter=BadRecordCounter()
@@ -706,7 +709,7 @@ def pretrain(
                 train_plain, max(cfg.data.heldout_batches, 4), visual_tokenizer, device
             )
             summary.heldout = evaluate_heldout(
-                model, held, cfg.data.heldout_batches, visual_tokenizer, device, counts
+                held_model, held, cfg.data.heldout_batches, visual_tokenizer, device, counts
             )
         summary.bad_records = bad.counts
         if bad.total or cfg.logging.progress:
@@ -714,8 +717,21 @@ def pretrain(
         tmp = out / "summary.json.tmp"
         tmp.write_text(json.dumps(asdict(summary), indent=2) + "\n")
         os.replace(tmp, out / "summary.json")
-    parallel.barrier()
+    parallel.barrier("rank 0 to write the final model and summary")
     return summary
+
+
+def _reload_unsharded(path: Path, device: torch.device) -> nn.Module | None:
+    """The exported model, loaded whole on this rank (FSDP leaves each rank only a shard of the trained one);
+    None for a model outside the imglish registry (its file has no architecture to rebuild)."""
+    import imglish
+    from imglish.model.loading import read_checkpoint_metadata
+
+    if read_checkpoint_metadata(str(path)).get("format") != "imglish/1":
+        print("held-out evaluation skipped: under FSDP it reloads the exported model, and this model is not an "
+              "imglish model")
+        return None
+    return imglish.create_model(None, pretrained=str(path)).to(device)
 
 
 def _num_codes(visual_tokenizer: Any) -> int:

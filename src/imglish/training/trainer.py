@@ -250,7 +250,7 @@ class Trainer:
         path = None
         if self.dist.is_main:
             path = self.ckpt.save(state, self.step)
-        parallel.barrier()
+        parallel.barrier(f"rank 0 to write the checkpoint of step {self.step}")
         return path
 
     def maybe_resume(self) -> bool:
@@ -259,6 +259,8 @@ class Trainer:
         if path is None:
             return False
         self.load_state_dict(CheckpointManager.load(path))
+        if self.dist.is_main:
+            print(f"resumed from {path} (step {self.step})", flush=True)
         hist = self.out / "history.jsonl"
         if self.dist.is_main and hist.exists():  # keep the log consistent with the resumed step
             rows = [json.loads(line) for line in hist.read_text().splitlines() if line.strip()]
