@@ -21,9 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from embed_throughput import cpu_model, has_amx  # noqa: E402
 
 #: (label, registered model, part, text length or cached words)
 CASES = [
@@ -42,23 +43,6 @@ CASES = [
     ("captioning 224: encoder", "beit3_base_patch16_224_captioning", "encoder", 2),
     ("captioning 224: decoder step, 16 words cached", "beit3_base_patch16_224_captioning", "decoder_step", 16),
 ]
-
-
-def cpu_model() -> str:
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or "unknown"
-
-
-def has_amx() -> bool:
-    try:
-        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
 
 
 def session(path: Path, threads: int) -> Any:

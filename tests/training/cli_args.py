@@ -27,3 +27,12 @@ def tiny_pretrain_args(data: Path, out: Path, steps: int, **flags: str) -> list[
     for key, value in merged.items():
         argv += [key, value]
     return argv
+
+
+def torchrun_pretrain_cmd(data: Path, out: Path, steps: int, **flags: str) -> list[str]:
+    """The same run under ``torchrun --standalone --nproc_per_node 2`` on gloo and the CPU (a full command line)."""
+    import sys
+
+    flags = {"--parallel.backend": "gloo", "--parallel.device": "cpu", **flags}
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+            "imglish.cli.main", *tiny_pretrain_args(data, out, steps, **flags)]

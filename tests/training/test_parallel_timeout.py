@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cli_args import torchrun_pretrain_cmd  # noqa: E402
 
 
 def _torchrun(script: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -96,12 +98,7 @@ def test_a_killed_rank_stops_the_run_and_resume_continues(tmp_path):
     generate_world(WorldConfig(num_images=40, seed=2, workers=1, formats=("coco", "imagenet", "text")), world)
     run = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-           "imglish.cli.main", "pretrain", "--preset", "tiny", "--data", str(world), "--out", str(run),
-           "--max-steps", "40", "--checkpoint.save_every", "3", "--data.visual_tokenizer_steps", "3",
-           "--data.image_batch", "4", "--data.text_batch", "4", "--data.pair_batch", "4", "--parallel.backend",
-           "gloo", "--parallel.device", "cpu", "--logging.progress", "false", "--logging.tensorboard", "false",
-           "--parallel.threads", "1", "--parallel.timeout_s", "30"]
+    cmd = torchrun_pretrain_cmd(world, run, 40, **{"--save-every": "3", "--parallel.timeout_s": "30"})
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 300

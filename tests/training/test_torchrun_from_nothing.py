@@ -12,6 +12,9 @@ from pathlib import Path
 
 from imglish.data.synthetic import WorldConfig, generate_world
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cli_args import torchrun_pretrain_cmd  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -20,12 +23,8 @@ def test_two_process_pretrain_trains_its_tokenizers_without_hanging(tmp_path):
     generate_world(WorldConfig(num_images=40, seed=2, workers=1, formats=("coco", "imagenet", "text")), world)
     run = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-           "imglish.cli.main", "pretrain", "--preset", "tiny", "--data", str(world), "--out", str(run),
-           "--max-steps", "2", "--data.visual_tokenizer_steps", "3", "--data.image_batch", "4", "--data.text_batch", "4",
-           "--data.pair_batch", "4", "--parallel.backend", "gloo", "--parallel.device", "cpu",
-           "--logging.progress", "false", "--logging.tensorboard", "false", "--parallel.threads", "1",
-           "--parallel.strategy", "fsdp", "--data.heldout_batches", "1"]
+    cmd = torchrun_pretrain_cmd(world, run, 2, **{"--data.visual_tokenizer_steps": "3",
+                                                  "--parallel.strategy": "fsdp"})
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (run / "tokenizers" / "vqkd" / "vqkd.safetensors").is_file()
