@@ -24,7 +24,8 @@ _COMMAND_MODULES = (
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="imglish",
-        description="BEiT-3 in PyTorch: models, tokenizers, data, pretraining and parity checks.",
+        description=("BEiT-3 in PyTorch: models, tokenizers, data, pretraining, fine-tuning and evaluation, "
+                     "inference and serving, ONNX export, parity checks."),
     )
     from imglish import __version__
 
