@@ -167,6 +167,19 @@ def test_bf16_runs_and_agrees_roughly(checkpoints, images):
     assert {a["label"]: a["score"] for a in bf16} == pytest.approx({a["label"]: a["score"] for a in fp32}, abs=0.05)
 
 
+def test_bf16_holds_bf16_weights_and_embeds_like_fp32(checkpoints, images):
+    fp32 = pipeline("embed", checkpoints["retrieval"], device="cpu")
+    bf16 = pipeline("embed", checkpoints["retrieval"], device="cpu", precision="bf16")
+    assert {p.dtype for p in bf16.model.parameters()} == {torch.bfloat16}  # cast once, no autocast per call
+    a, b = fp32(images=images, texts=["a red ball", "two cats"]), bf16(images=images, texts=["a red ball", "two cats"])
+    for key in ("image_embeds", "text_embeds"):
+        assert b[key].dtype == torch.float32
+        cos = torch.nn.functional.cosine_similarity(a[key], b[key])
+        assert cos.min() > 0.999, (key, cos)
+    caption = pipeline("caption", checkpoints["caption"], device="cpu", precision="bf16")(images[0], max_length=6)
+    assert isinstance(caption[0]["generated_text"], str)  # generation runs on bf16 weights and a bf16 cache
+
+
 # ============================================================================================= bad input
 def test_checkpoint_of_another_task_is_named(checkpoints):
     with pytest.raises(ValueError, match=r"holds a 'vqav2' model .*`caption` needs a 'captioning' model"):

@@ -61,7 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                                           "(0: in the main process; default 2)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                   help="bf16 autocast (embeddings are stored as float32 either way)")
+                   help="bf16: the weights are cast to bfloat16 once (embeddings are stored as float32 either way)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.parts/ (same "
                                                          "inputs, checkpoint, batch size and precision)")
     p.add_argument("--strict", action="store_true", help="stop at the first bad input instead of skipping it")
