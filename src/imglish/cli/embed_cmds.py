@@ -4,7 +4,6 @@ argument parsing and printing only, the work is :func:`imglish.inference.embed.e
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 __all__ = ["register"]
@@ -19,7 +18,9 @@ def _embed(args: argparse.Namespace) -> int:
         precision=args.precision, resume=args.resume, strict=args.strict,
         part_batches=args.part_batches or DEFAULT_PART_BATCHES, progress=not args.quiet,
     )
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 reports for all
+    from imglish.training.parallel import launched_rank
+
+    if launched_rank() != 0:  # under torchrun rank 0 reports for all
         return 0
     if summary.skipped:
         print(f"imglish embed: {summary.skipped_line()}", file=sys.stderr)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
 from imglish.cli.train_cmds import _config_keys, _overrides
 
@@ -22,7 +21,9 @@ def _add_config_keys(p: argparse.ArgumentParser) -> None:
 
 
 def _is_main_rank() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+    from imglish.training.parallel import launched_rank
+
+    return launched_rank() == 0
 
 
 def _print_metrics(doc: dict) -> None:

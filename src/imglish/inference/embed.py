@@ -57,6 +57,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from imglish.data.skip import BadRecordCounter, BadRecordError, SkippedRecord
 from imglish.inference.inputs import InputError
+from imglish.training import parallel
 
 __all__ = [
     "FORMAT",
@@ -489,11 +490,11 @@ def embed(
     if resume and out.exists() and not parts.exists():
         return _already_done(out, job, index)
     complete = _read_progress(parts, job) if resume and parts.exists() else set()
-    _wait(world, "every rank to read the state of the parts folder")
+    parallel.barrier("every rank to read the state of the parts folder")
     if rank == 0:  # progress.json lists every finished part (also those other ranks recorded before)
         parts.mkdir(parents=True, exist_ok=True)
         _write_progress(parts, job, sorted(complete), 0)
-    _wait(world, "rank 0 to create the parts folder")
+    parallel.barrier("rank 0 to create the parts folder")
 
     n_batches = -(-len(index.records) // batch_size)
     n_parts = max(1, -(-n_batches // part_batches))
@@ -566,8 +567,6 @@ def embed(
             bar.close()
     seconds = time.perf_counter() - start
     if world > 1:
-        from imglish.training import parallel
-
         stopped = any(parallel.all_gather_objects(stopped))  # also waits for every rank's parts
     if stopped:
         done = sorted(_read_progress(parts, job))
@@ -575,7 +574,7 @@ def embed(
         return EmbedSummary(out, index.kind, rows, dim, counter.total, counter.counts, counter.records(),
                             complete=False, resumed_records=resumed, seconds=seconds)
     if rank != 0:
-        _wait(world, "rank 0 to join the parts into the output file")
+        parallel.barrier("rank 0 to join the parts into the output file")
         summary = _already_done(out, job, index)
         summary.resumed_records, summary.seconds = resumed, seconds
         return summary
@@ -590,12 +589,12 @@ def embed(
                            records, complete=True, resumed_records=resumed, seconds=seconds)
     if rows_done == 0:
         shutil.rmtree(parts)
-        _wait(world, "rank 0 to join the parts into the output file")
+        parallel.barrier("rank 0 to join the parts into the output file")
         raise ValueError(f"none of the {len(index.records) + len(index.bad)} inputs of {index.source} could be "
                          f"embedded; {summary.skipped_line()}")
     summary.dim = _join_parts(parts, n_parts, out, job, index, records)
     shutil.rmtree(parts)
-    _wait(world, "rank 0 to join the parts into the output file")
+    parallel.barrier("rank 0 to join the parts into the output file")
     return summary
 
 
@@ -604,17 +603,8 @@ def _rank_and_world() -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1
-    from imglish.training import parallel
-
     info = parallel.init_distributed("gloo")  # only objects and barriers go between the ranks
     return info.rank, info.world_size
-
-
-def _wait(world: int, what: str) -> None:
-    if world > 1:
-        from imglish.training import parallel
-
-        parallel.barrier(what)
 
 
 def _part_records(k: int, part_batches: int, batch_size: int, n: int) -> int:

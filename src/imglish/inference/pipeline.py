@@ -28,7 +28,6 @@ registered name) and ``tokenizer=`` (the SentencePiece model, ``beit3.spm``).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -296,11 +295,6 @@ class Pipeline:
         out = tok([text], max_length=self.processor.max_length)
         return out["input_ids"][0], out["padding_mask"][0]
 
-    def autocast(self) -> contextlib.AbstractContextManager:
-        """The context of a forward: nothing to switch on, as bf16 pipelines hold bf16 weights (kept so that
-        subclasses and callers have one place to change it)."""
-        return contextlib.nullcontext()
-
     def _to_device(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         dtype = torch.bfloat16 if self.precision == "bf16" else None
         return {k: v.to(self.device, dtype=dtype if v.is_floating_point() else None) for k, v in batch.items()}
@@ -375,8 +369,7 @@ class ClassifyPipeline(Pipeline):
 
     @torch.no_grad()
     def forward(self, batch: Mapping[str, torch.Tensor], **params: Any) -> list[torch.Tensor]:
-        with self.autocast():
-            logits = self.model(image=self._to_device(batch)["image"])
+        logits = self.model(image=self._to_device(batch)["image"])
         return list(logits.float().softmax(-1).cpu())
 
     def postprocess(self, raw: torch.Tensor, top_k: int = 5) -> list[dict[str, Any]]:
@@ -410,8 +403,7 @@ class VQAPipeline(Pipeline):
     @torch.no_grad()
     def forward(self, batch: Mapping[str, torch.Tensor], **params: Any) -> list[torch.Tensor]:
         b = self._to_device(batch)
-        with self.autocast():
-            logits = self.model(image=b["image"], question=b["question"], padding_mask=b["padding_mask"])
+        logits = self.model(image=b["image"], question=b["question"], padding_mask=b["padding_mask"])
         return list(logits.float().sigmoid().cpu())
 
     def postprocess(self, raw: torch.Tensor, top_k: int = 1) -> list[dict[str, Any]]:
@@ -463,8 +455,7 @@ class CaptionPipeline(Pipeline):
         cfg = GenerationConfig(max_len=max_length, num_beams=num_beams, length_penalty=length_penalty,
                                bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id,
                                eos_token_id=tok.eos_token_id, mask_token_id=tok.mask_token_id)
-        with self.autocast():
-            rows = generate(self.model, self._to_device(batch)["image"], cfg).cpu().tolist()
+        rows = generate(self.model, self._to_device(batch)["image"], cfg).cpu().tolist()
         texts = []
         for ids in rows:
             if tok.eos_token_id in ids[1:]:
@@ -500,9 +491,8 @@ class NLVR2Pipeline(Pipeline):
     @torch.no_grad()
     def forward(self, batch: Mapping[str, torch.Tensor], **params: Any) -> list[torch.Tensor]:
         b = self._to_device(batch)
-        with self.autocast():
-            logits = self.model(image_a=b["image"], image_b=b["image2"], text_description=b["text"],
-                                padding_mask=b["padding_mask"])
+        logits = self.model(image_a=b["image"], image_b=b["image2"], text_description=b["text"],
+                            padding_mask=b["padding_mask"])
         return list(logits.float().softmax(-1).cpu())
 
     def postprocess(self, raw: torch.Tensor, **params: Any) -> dict[str, Any]:
@@ -535,11 +525,10 @@ class _DualEncoder(Pipeline):
     @torch.no_grad()
     def forward(self, batch: Mapping[str, torch.Tensor], **params: Any) -> list[torch.Tensor]:
         b = self._to_device(batch)
-        with self.autocast():
-            if "image" in b:
-                emb = self.model.encode_image(b["image"])
-            else:
-                emb = self.model.encode_text(b["text"], b["padding_mask"])
+        if "image" in b:
+            emb = self.model.encode_image(b["image"])
+        else:
+            emb = self.model.encode_text(b["text"], b["padding_mask"])
         return list(F.normalize(emb.float(), dim=-1).cpu())
 
     def embed_images(self, images: Any, **kw: Any) -> torch.Tensor:

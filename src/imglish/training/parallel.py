@@ -31,6 +31,7 @@ __all__ = [
     "broadcast_object",
     "destroy_distributed",
     "init_distributed",
+    "launched_rank",
     "resolve_device",
 ]
 
@@ -96,6 +97,11 @@ def init_distributed(backend: str | None = None, device: torch.device | None = N
             backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank)
+
+
+def launched_rank() -> int:
+    """This process's rank as torchrun set it (``RANK``; 0 in a plain run), without needing a process group."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def destroy_distributed() -> None:

@@ -694,10 +694,10 @@ def pretrain(
             s: max(n // max(info.world_size * cfg.optim.accum_steps, 1), 1) for s, n in sizes.items() if n
         }
         usable = {s: n for s, n in eval_sizes.items() if heldout_sources.get(s) is not None}
-        held_model = model
-        if usable and cfg.data.heldout_batches > 0 and trainer.strategy == "fsdp":
-            held_model = _reload_unsharded(out / "model.safetensors", device)  # the trained model is sharded
-        if usable and cfg.data.heldout_batches > 0 and held_model is not None:
+        held_model = None
+        if usable and cfg.data.heldout_batches > 0:  # under FSDP the trained model is sharded: reload the export
+            held_model = _reload_unsharded(out / "model.safetensors", device) if trainer.strategy == "fsdp" else model
+        if held_model is not None:
             # held-out images are not in the precomputed table: the tokenizer codes them (the same plain view)
             held = StepBatches(
                 heldout_sources, maker(False), usable, cfg.seed + 1, skip_counter=BadRecordCounter()
