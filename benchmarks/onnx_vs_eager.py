@@ -46,13 +46,9 @@ CASES = [
 
 
 def session(path: Path, threads: int) -> Any:
-    import onnxruntime as ort
+    from imglish.export.onnx import _session
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return _session(path, threads)
 
 
 def inputs_for(model: torch.nn.Module, part: str, batch: int, length: int) -> dict[str, torch.Tensor]:

@@ -167,6 +167,13 @@ def test_errors_name_the_input(tmp_path, capsys):
     assert main(["export", "--checkpoint", str(bad), "--part", "model", "--out", str(tmp_path / "x.onnx")]) == 2
     err = capsys.readouterr().err
     assert str(bad) in err and "weights_only" not in err and err.count("\n") == 1
+    for flags, message in ((["--batch", "0"], "batch must be at least 1, got 0"),
+                           (["--text-len", "1"], "text_len must be an integer of at least 2"),
+                           (["--atol", "-1"], "atol must be a positive number, got -1.0"),
+                           (["--threads", "-2"], "--threads must be at least 1, got -2")):
+        assert main(["export", "--checkpoint", str(bad), "--part", "model", "--out", str(tmp_path / "x.onnx"),
+                     *flags]) == 2
+        assert message in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown part 'towers'; expected one of image_encoder, text_encoder"):
         export_onnx(tiny("retrieval"), "towers", tmp_path / "x.onnx")
     with pytest.raises(ValueError, match="this is a backbone model; no part exports it"):

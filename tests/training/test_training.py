@@ -90,6 +90,8 @@ def test_config_precedence_file_then_flags(tmp_path):
         ({"optim.accum_steps": "two"}, "expects an integer"),
         ({"parallel.precision": "fp16"}, "parallel.precision"),
         ({"model.img_size": "30"}, "multiple of model.patch_size"),
+        ({"parallel.timeout_s": "-5"}, "parallel.timeout_s must be a positive number of seconds, got -5.0"),
+        ({"parallel.prepare_timeout_s": "0"}, "parallel.prepare_timeout_s must be a positive number"),
     ],
 )
 def test_config_rejects_bad_values(overrides, message):

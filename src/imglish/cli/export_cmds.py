@@ -15,17 +15,14 @@ _PARTS_HELP = (
 
 
 def _export(args: argparse.Namespace) -> int:
-    try:
-        import onnxruntime  # noqa: F401
-        import onnxscript  # noqa: F401
-    except ModuleNotFoundError as err:
-        raise ValueError(f"export needs the package {err.name!r}: pip install 'imglish[export]'") from None
     from imglish.export import export_onnx
 
-    if args.threads:
+    if args.threads is not None:
         import torch
 
-        torch.set_num_threads(args.threads)
+        from imglish.inference.pipeline import _positive_int
+
+        torch.set_num_threads(_positive_int(args.threads, "--threads"))
     result = export_onnx(args.checkpoint, args.part, args.out, model=args.model, verify=args.verify,
                          atol=args.atol, batch=args.batch, text_len=args.text_len,
                          external_data=True if args.external_data else None)

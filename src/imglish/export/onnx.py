@@ -322,16 +322,13 @@ def _rename_external(tmp: Path, data: Path, out: Path) -> None:
 def verify_onnx(model: nn.Module, result: ExportResult, *, batches: Sequence[int] = (1, 5),
                 text_lens: Sequence[int] = (5, 11), atol: float = 1e-4) -> dict[str, float]:
     """Run the file with onnxruntime (CPU) and PyTorch on the same inputs, at every batch size (and text length);
-    returns per output the largest absolute difference. Raises AssertionError-free: a difference over ``atol``
+    returns per output the largest absolute difference. A difference over ``atol`` (or another output shape)
     raises ValueError naming the output, batch and difference."""
     import numpy as np
-    import onnxruntime as ort
 
     model = model.eval().float().cpu()
     wrapper, names = _wrap(model, result.part)
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(str(result.path), opts, providers=["CPUExecutionProvider"])
+    session = _session(result.path)
     worst: dict[str, float] = {n: 0.0 for n in names}
     result.checked_batches = []
     for b, t in zip(batches, text_lens):
@@ -373,6 +370,13 @@ def export_onnx(checkpoint: str | os.PathLike | nn.Module, part: str, out: str |
     Raises:
         FileNotFoundError: no such checkpoint; ValueError: a part the model does not have, or a failed check.
     """
+    from imglish.inference.pipeline import _positive_int
+
+    _positive_int(batch, "batch")
+    if isinstance(text_len, bool) or not isinstance(text_len, int) or text_len < 2:
+        raise ValueError(f"text_len must be an integer of at least 2 (BOS and EOS), got {text_len!r}")
+    if not atol > 0:
+        raise ValueError(f"atol must be a positive number, got {atol!r}")
     if isinstance(checkpoint, nn.Module):
         net = checkpoint
     else:
@@ -383,10 +387,20 @@ def export_onnx(checkpoint: str | os.PathLike | nn.Module, part: str, out: str |
             raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
         net = imglish.create_model(model, pretrained=str(path)) if model else _load_ours(path)
     _wrap(net, part)  # a clear error before the (slow) export
+    _require_extras(verify)
     result = export_module(net, part, out, batch=batch, text_len=text_len, external_data=external_data)
     if verify:
         verify_onnx(net, result, atol=atol)
     return result
+
+
+def _require_extras(verify: bool) -> None:
+    """The exporter needs onnxscript (and onnx); ``verify`` needs onnxruntime: name the missing one and the extra."""
+    import importlib.util
+
+    for name in ("onnx", "onnxscript") + (("onnxruntime",) if verify else ()):
+        if importlib.util.find_spec(name) is None:
+            raise ValueError(f"export needs the package {name!r}: pip install 'imglish[export]'")
 
 
 def _load_ours(path: Path) -> nn.Module:
@@ -405,13 +419,18 @@ def _load_ours(path: Path) -> nn.Module:
 
 
 # ============================================================================================= running captioning
-def _session(graph: Any) -> Any:
+def _session(graph: Any, threads: int = 0) -> Any:
+    """An onnxruntime CPU session of a file (``threads`` intra-op threads, 0: onnxruntime's choice); a session is
+    returned as it is."""
     if not isinstance(graph, (str, os.PathLike)):
         return graph  # an onnxruntime.InferenceSession already
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
     return ort.InferenceSession(str(graph), opts, providers=["CPUExecutionProvider"])
 
 

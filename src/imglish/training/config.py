@@ -477,6 +477,10 @@ class TrainConfig:
             )
         if self.parallel.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"parallel.device must be auto, cpu or cuda; got {self.parallel.device!r}")
+        for name in ("timeout_s", "prepare_timeout_s"):
+            if not getattr(self.parallel, name) > 0:
+                raise ValueError(f"parallel.{name} must be a positive number of seconds, got "
+                                 f"{getattr(self.parallel, name)!r}")
         if self.checkpoint.keep_last < 1:
             raise ValueError(f"checkpoint.keep_last must be >= 1, got {self.checkpoint.keep_last}")
         if self.checkpoint.save_every < 0:
