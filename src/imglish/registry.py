@@ -15,6 +15,7 @@ from typing import Any
 
 
 from imglish.model.config import SIZES, BEiT3Config, size_config
+import imglish.model.dense  # noqa: F401  (registers the dense task models)
 from imglish.model.heads import TASK_MODELS, BEiT3Model
 
 __all__ = [
@@ -150,6 +151,9 @@ _TRANSFORM_TASK = {
     "captioning": "captioning",
     "pretraining": "pretraining",
     "backbone": "retrieval",
+    # dense models: the pretraining normalisation; their pipelines resize and tile the image themselves
+    "segmentation": "retrieval",
+    "detection": "retrieval",
 }
 
 
@@ -221,7 +225,14 @@ _TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     "retrieval": {},
     "pretraining": dict(task_kwargs={"num_visual_tokens": 8192}),
     "backbone": {},
+    "segmentation": dict(config_overrides={"normalize_output": False, "dynamic_img_size": True},
+                         task_kwargs={"num_classes": 150}),
+    "detection": dict(config_overrides={"normalize_output": False, "dynamic_img_size": True},
+                      task_kwargs={"num_classes": 81}),
 }
+# Dense prediction (never released officially): UperNet at 512 (BEiT's ADE20K crops; large also at 640) and Mask
+# R-CNN at 1024 (ViTDet), in every size but giant (patch 14).
+_DENSE: dict[str, list[int]] = {"segmentation": [512, 640], "detection": [1024]}
 
 
 def _name(size: str, img: int, task: str | None) -> str:
@@ -241,6 +252,10 @@ def _register_all() -> None:
                 name = _name(size, img, task)
                 if name not in _REGISTRY:
                     register_model(ModelInfo(name, size, task, img, **_TASK_DEFAULTS[task]))
+    for task, resolutions in _DENSE.items():
+        for size in ("tiny", "small", "base", "large"):
+            for img in resolutions:
+                register_model(ModelInfo(_name(size, img, task), size, task, img, **_TASK_DEFAULTS[task]))
     for size in SIZES:
         img = 224
         register_model(ModelInfo(_name(size, img, "backbone"), size, "backbone", img))

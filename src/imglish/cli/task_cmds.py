@@ -10,7 +10,8 @@ from imglish.cli.train_cmds import _config_keys, _overrides
 
 __all__ = ["register"]
 
-_TASKS = ("imagenet", "vqav2", "nlvr2", "coco_retrieval", "flickr30k", "coco_captioning", "nocaps")
+_TASKS = ("imagenet", "vqav2", "nlvr2", "coco_retrieval", "flickr30k", "coco_captioning", "nocaps", "ade20k",
+          "coco_detection")
 _ORDER = "The configuration is a preset, then --config FILE (JSON), then these flags, then any --section.key VALUE."
 
 

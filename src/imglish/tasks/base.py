@@ -74,7 +74,7 @@ def register_task(cls: type[Task]) -> type[Task]:
 def _load_all() -> None:
     import importlib
 
-    for module in ("classification", "vqa", "nlvr2", "retrieval", "captioning"):
+    for module in ("classification", "vqa", "nlvr2", "retrieval", "captioning", "segmentation", "detection"):
         try:
             importlib.import_module(f"imglish.tasks.{module}")
         except ModuleNotFoundError as err:  # a task module not written yet

@@ -299,7 +299,8 @@ class TaskConfig:
 
     Attributes:
         name: ``pretraining`` or a fine-tuning task (``imglish.tasks.list_tasks()``: ``imagenet``, ``vqav2``,
-            ``nlvr2``, ``coco_retrieval``, ``flickr30k``, ``coco_captioning``, ``nocaps``).
+            ``nlvr2``, ``coco_retrieval``, ``flickr30k``, ``coco_captioning``, ``nocaps``, ``ade20k``,
+            ``coco_detection``).
         batch_size: global training examples per optimizer step (all ranks and micro-steps).
         eval_batch_size: examples per forward in evaluation, per process.
         eval_every: steps between evaluations on ``eval_split`` during training (0: only the final one).
@@ -327,6 +328,18 @@ class TaskConfig:
         length_penalty: captioning: beam-search length penalty (official: 0.6).
         caption_backend: captioning metrics: ``auto`` (pycocoevalcap when Java is present, else pure Python),
             ``coco`` or ``python``.
+        head_channels: dense tasks: width of the UperNet head (ade20k; 0: the embedding size) or of the feature
+            pyramid and RPN/RoI heads (coco_detection; 0: 256).
+        aux_weight: ade20k: weight of the FCN auxiliary head's loss (BEiT recipe: 0.4; 0 drops the head).
+        scale_range: dense tasks: the random rescaling of training images, as factors of ``model.img_size``
+            (ade20k: the shorter side becomes ``img_size * U(lo, hi)`` before the crop, recipe 0.5-2; coco_detection:
+            large-scale jitter of the ``img_size`` square, recipe 0.1-2).
+        slide_stride: ade20k: stride of the sliding-window evaluation in pixels (0: two thirds of the crop, as
+            341 for 512).
+        photometric: ade20k: random brightness, contrast, saturation and hue in training.
+        anchor_sizes: coco_detection: one anchor size per pyramid level (5 values; empty: 32..512 scaled by
+            ``img_size / 1024``).
+        box_score_thresh: coco_detection: detections scoring below this are dropped at test time.
     """
 
     name: str = "pretraining"
@@ -352,6 +365,13 @@ class TaskConfig:
     max_gen_len: int = 64
     length_penalty: float = 0.6
     caption_backend: str = "auto"
+    head_channels: int = 0
+    aux_weight: float = 0.4
+    scale_range: tuple[float, float] = (0.5, 2.0)
+    slide_stride: int = 0
+    photometric: bool = True
+    anchor_sizes: tuple[int, ...] = ()
+    box_score_thresh: float = 0.05
 
 
 @dataclass
@@ -523,6 +543,15 @@ class TrainConfig:
             raise ValueError(f"task.eval_split must be train, val or test; got {t.eval_split!r}")
         if t.caption_backend not in ("auto", "coco", "python"):
             raise ValueError(f"task.caption_backend must be auto, coco or python; got {t.caption_backend!r}")
+        if t.head_channels < 0 or t.slide_stride < 0 or t.aux_weight < 0:
+            raise ValueError("task.head_channels, task.slide_stride and task.aux_weight must be >= 0")
+        lo, hi = tuple(t.scale_range) if len(t.scale_range) == 2 else (0.0, -1.0)
+        if not 0.0 < lo <= hi:
+            raise ValueError(f"task.scale_range must be two factors 0 < lo <= hi, got {list(t.scale_range)}")
+        if t.anchor_sizes and (len(t.anchor_sizes) != 5 or min(t.anchor_sizes) < 1):
+            raise ValueError(f"task.anchor_sizes needs 5 positive sizes (one per level), got {list(t.anchor_sizes)}")
+        if not 0.0 <= t.box_score_thresh < 1.0:
+            raise ValueError(f"task.box_score_thresh must be in [0, 1), got {t.box_score_thresh}")
 
     def parallel_parts(self) -> int:
         """Processes (``WORLD_SIZE``) times micro-steps: what a global batch is split into."""
@@ -627,6 +656,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             parts = [p for p in value.replace("(", "").replace(")", "").split(",") if p.strip()]
         else:
             parts = list(value)
+        if len(args) == 2 and args[1] is Ellipsis:  # tuple[X, ...]: any length
+            return tuple(_coerce(p, args[0], key) for p in parts)
         if len(parts) != len(args):
             raise ValueError(f"{key} expects {len(args)} comma-separated values, got {value!r}")
         return tuple(_coerce(p, a, key) for p, a in zip(parts, args))

@@ -85,8 +85,15 @@ def _collate(items: list[tuple[int, Any]]) -> dict[str, Any]:
     if good:
         for key in good[0][1]:
             values = [s[key] for _, s in good]
-            batch[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
+            same = all(isinstance(v, torch.Tensor) for v in values) and len({tuple(v.shape) for v in values}) == 1
+            batch[key] = torch.stack(values) if same else values  # images of several sizes stay a list
     return batch
+
+
+def _move(value: Any, device: torch.device) -> Any:
+    from imglish.training.trainer import _move as move
+
+    return move(value, device)
 
 
 def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
@@ -148,7 +155,7 @@ def predict_split(
                 skipped.extend(batch.pop("skipped"))
                 if len(batch["index"]) == 0:
                     continue
-                batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                batch = {k: _move(v, device) for k, v in batch.items()}
                 with _autocast(precision, device):
                     recs = task.predict(model, name, batch)
                 local.extend(recs)

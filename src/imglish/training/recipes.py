@@ -26,8 +26,11 @@ _MODEL = {
     "flickr30k": ("retrieval", 384),
     "coco_captioning": ("captioning", 480),
     "nocaps": ("captioning", 480),
+    "ade20k": ("segmentation", 512),
+    "coco_detection": ("detection", 1024),
 }
 TASK_NAMES = tuple(_MODEL)
+_DENSE_TASKS = ("ade20k", "coco_detection")
 
 
 def model_task_of(task: str) -> str:
@@ -65,6 +68,9 @@ _CAPTION = (
     ("task.drop_worst_after", 12000),
 )
 
+_ADE = (("task.scale_range", (0.5, 2.0)), ("task.aux_weight", 0.4), ("task.photometric", True))
+_DET = (("task.scale_range", (0.1, 2.0)),)
+
 OFFICIAL_RECIPES: dict[tuple[str, str], Recipe] = {
     ("imagenet", "base"): Recipe(1024, 7e-4, 0.65, 50, 5, 0.15, 0.05, extra=_IMAGENET),
     ("imagenet", "large"): Recipe(1024, 2e-4, 0.8, 50, 5, 0.25, 0.05, checkpointing=True, extra=_IMAGENET),
@@ -80,6 +86,15 @@ OFFICIAL_RECIPES: dict[tuple[str, str], Recipe] = {
     ("coco_captioning", "large"): Recipe(256, 8e-6, 1.0, 10, 1, 0.1, 0.05, checkpointing=True, extra=_CAPTION),
     ("nocaps", "base"): Recipe(256, 1e-5, 1.0, 10, 1, 0.1, 0.05, checkpointing=True, extra=_CAPTION),
     ("nocaps", "large"): Recipe(256, 8e-6, 1.0, 10, 1, 0.1, 0.05, checkpointing=True, extra=_CAPTION),
+    # Dense prediction, never released for BEiT-3: BEiT's ADE20K UperNet recipe (512 crops, 160k iterations at batch
+    # 16, AdamW lr 3e-5 with layer decay 0.9, drop path 0.1; a linear decay there, cosine here) and ViTDet's COCO
+    # Mask R-CNN recipe (1024 squares with large-scale jitter, 100 epochs at batch 64, AdamW lr 1e-4, weight decay
+    # 0.1, layer decay 0.7 for base and 0.9 for large, drop path 0.1 / 0.4; step decay there, cosine here). The
+    # epochs below are the iterations over the 20,210 ADE20K and 117,266 COCO training images.
+    ("ade20k", "base"): Recipe(16, 3e-5, 0.9, 127, 0.15, 0.1, 0.05, extra=_ADE),
+    ("ade20k", "large"): Recipe(16, 3e-5, 0.95, 127, 0.15, 0.15, 0.05, checkpointing=True, extra=_ADE),
+    ("coco_detection", "base"): Recipe(64, 1e-4, 0.7, 100, 0.14, 0.1, 0.1, checkpointing=True, extra=_DET),
+    ("coco_detection", "large"): Recipe(64, 1e-4, 0.9, 100, 0.14, 0.4, 0.1, checkpointing=True, extra=_DET),
 }
 
 # The tiny recipes: the tiny model at 64 pixels (patch 8) on the embedded world, a fixed number of steps, from a
@@ -107,6 +122,14 @@ _TINY: dict[str, dict[str, typing.Any]] = {
                         "task.mask_prob": 0.5, "task.max_gen_len": 24, "task.num_beams": 3},
     "nocaps": {"optim.lr": 1e-3, "task.batch_size": 32, "schedule.max_steps": 600, "model.patch_size": 16,
                "task.mask_prob": 0.5, "task.max_gen_len": 24, "task.num_beams": 3},
+    # dense tasks on the world's 64-pixel scenes: 64-pixel crops at patch 8 (an 8x8 grid) for segmentation; the
+    # scenes doubled to 128 pixels at patch 16 for detection (the smallest shapes are then ~20 pixels wide), small
+    # anchors and 64-channel heads
+    "ade20k": {"optim.lr": 1e-3, "task.batch_size": 16, "schedule.max_steps": 150, "task.head_channels": 64,
+               "task.scale_range": (0.75, 1.5), "task.photometric": False, "task.eval_batch_size": 16},
+    "coco_detection": {"optim.lr": 3e-4, "task.batch_size": 8, "schedule.max_steps": 150, "model.img_size": 128,
+                       "model.patch_size": 16, "task.head_channels": 64, "task.scale_range": (0.8, 1.25),
+                       "task.anchor_sizes": (8, 16, 32, 64, 128), "task.eval_batch_size": 8},
 }
 
 
@@ -137,7 +160,7 @@ def _official(task: str, size: str) -> TrainConfig:
         schedule=ScheduleConfig(epochs=r.epochs, warmup_epochs=r.warmup_epochs, min_lr=1e-6, warmup_steps=0),
         checkpoint=CheckpointConfig(save_every=1000, keep_last=2),
         parallel=ParallelConfig(precision="bf16", activation_checkpointing=r.checkpointing),
-        task=TaskConfig(name=task, batch_size=r.batch, eval_batch_size=64),
+        task=TaskConfig(name=task, batch_size=r.batch, eval_batch_size=2 if task in _DENSE_TASKS else 64),
     )
     cfg.data.text_vocab_size = 64002
     cfg.data.num_workers = 8
@@ -156,12 +179,13 @@ def _tiny(task: str) -> TrainConfig:
         apply_overrides,
     )
 
-    suffix, _ = _MODEL[task]
+    suffix, res = _MODEL[task]
+    res = res if task in _DENSE_TASKS else 224
     cfg = TrainConfig(
         preset=f"{task}_tiny",
         out=f"runs/{task}_tiny",
         seed=0,
-        model=ModelConfig(name=f"beit3_tiny_patch16_224_{suffix}", img_size=64, patch_size=8, init_std=0.05,
+        model=ModelConfig(name=f"beit3_tiny_patch16_{res}_{suffix}", img_size=64, patch_size=8, init_std=0.05,
                           pos_init_std=0.02),
         optim=OptimConfig(lr=1e-3, weight_decay=0.05, betas=(0.9, 0.999), eps=1e-8, clip_grad=None),
         schedule=ScheduleConfig(max_steps=150, warmup_steps=15, min_lr=1e-6),

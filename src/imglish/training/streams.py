@@ -36,9 +36,23 @@ __all__ = [
     "pop_skipped",
     "sample_seed",
     "split_heldout",
+    "stack_samples",
 ]
 
 _STREAM_IDS = {"image": 1, "text": 2, "pair": 3}
+
+
+def stack_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """A micro-batch from samples: tensors of one shape are stacked; anything else (tensors of different shapes,
+    per-image target dicts) stays a list, one entry per sample."""
+    out: dict[str, Any] = {}
+    for key in samples[0]:
+        values = [s[key] for s in samples]
+        if all(isinstance(v, torch.Tensor) for v in values) and len({tuple(v.shape) for v in values}) == 1:
+            out[key] = torch.stack(values)
+        else:
+            out[key] = values
+    return out
 
 
 def sample_seed(seed: int, stream: str, slot: int, salt: int = 0) -> int:
@@ -406,7 +420,7 @@ class StepBatches(Dataset):
         batch: dict[str, Any] = {}
         for stream in self.batch_sizes:
             samples = [self.sample(stream, g) for g in self.slots(stream, step, micro)]
-            batch[stream] = {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
+            batch[stream] = stack_samples(samples)
             if self.batch_transform is not None:
                 batch[stream] = self.batch_transform(batch[stream], sample_seed(self.seed, stream, int(k), salt=11))
         if self.pending_skipped:  # travels with the batch out of a DataLoader worker; see pop_skipped
@@ -523,7 +537,7 @@ class WdsStepBatches(torch.utils.data.IterableDataset):
                                 pending,
                             )
                 if not replay:
-                    batch[stream] = {key: torch.stack([x[key] for x in samples]) for key in samples[0]}
+                    batch[stream] = stack_samples(samples)
             if not replay:
                 if pending:
                     batch[SKIPPED_KEY], pending = pending, []

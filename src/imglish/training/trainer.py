@@ -80,11 +80,19 @@ class TrainResult:
 def to_device(
     batch: dict[str, dict[str, torch.Tensor]], device: torch.device
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """Move every tensor of a ``{stream: {key: tensor}}`` batch to ``device``."""
-    return {
-        s: {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in part.items()}
-        for s, part in batch.items()
-    }
+    """Move every tensor of a ``{stream: {key: value}}`` batch to ``device``; values may also be lists or dicts of
+    tensors (the per-image targets of detection)."""
+    return {s: {k: _move(v, device) for k, v in part.items()} for s, part in batch.items()}
+
+
+def _move(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, list):
+        return [_move(v, device) for v in value]
+    if isinstance(value, dict):
+        return {k: _move(v, device) for k, v in value.items()}
+    return value
 
 
 class Trainer:
