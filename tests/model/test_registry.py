@@ -44,6 +44,12 @@ def _inputs(task: str):
         return dict(image=image, text_description=ids, padding_mask=pad)
     if task == "captioning":
         return dict(image=image, text_ids=ids, padding_mask=pad, language_masked_pos=(ids % 2 == 0).long())
+    if task == "segmentation":
+        return dict(image=image)
+    if task == "detection":
+        box = torch.tensor([[4.0, 4.0, 20.0, 24.0]])
+        return dict(images=list(image.clamp(0, 1)), targets=[{"boxes": box, "labels": torch.tensor([1]),
+                                                                "masks": torch.ones(1, 32, 32, dtype=torch.uint8)}] * 2)
     if task == "pretraining":
         return dict(image=image, text_ids=ids, padding_mask=pad, image_mask=torch.rand(2, 16) < 0.4,
                     text_mask=(ids % 3 == 0) & (pad == 0))
@@ -59,6 +65,8 @@ def _loss(task: str, out) -> torch.Tensor:
         return out.mim_logits.square().mean() + out.mlm_logits.square().mean()
     if task == "backbone":
         return out.last_hidden_state.square().mean()
+    if task == "detection":
+        return sum(out.values())
     return out.square().mean()
 
 

@@ -182,6 +182,73 @@ def _rank(args: argparse.Namespace) -> int:
     return _emit(args, rows, show)
 
 
+def _overlay_paths(args: argparse.Namespace) -> list[Path | None]:
+    """Where each image's overlay goes: ``--out FILE`` for one image, ``--out DIR/`` (one PNG per image) for
+    several."""
+    if args.out is None:
+        return [None] * len(args.images)
+    out = Path(args.out)
+    if len(args.images) == 1 and out.suffix:
+        return [out]
+    if out.suffix and not out.is_dir():
+        raise ValueError(f"--out {args.out!r}: with {len(args.images)} images --out must be a folder")
+    return [out / f"{Path(p).stem}.png" for p in args.images]
+
+
+def _save_overlay(path: Path | None, image: Any, draw: Any) -> None:
+    if path is None:
+        return
+    from imglish.inference import to_image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    draw(to_image(image)).save(path)
+    print(f"wrote {path}", file=sys.stderr)
+
+
+def _segment(args: argparse.Namespace) -> int:
+    from imglish.inference.dense import segmentation_overlay
+
+    outs = _overlay_paths(args)
+    pipe = _pipe(args, "segment")
+    answers = pipe.run([{"image": p} for p in args.images], skip_errors=True)
+    rows = []
+    for p, a, out in zip(args.images, answers, outs):
+        if isinstance(a, dict):
+            _save_overlay(out, p, lambda img, a=a: segmentation_overlay(img, a["label_map"], alpha=args.alpha))
+            a = {"segments": a["segments"], "size": list(a["label_map"].shape)}
+        rows.append(({"image": p}, a))
+
+    def show(fields: dict[str, Any], answer: Any) -> None:
+        print(fields["image"])
+        for seg in answer["segments"]:
+            print(f"  {seg['label']:<16} {100 * seg['fraction']:6.2f}%")
+
+    return _emit(args, rows, show)
+
+
+def _detect(args: argparse.Namespace) -> int:
+    from imglish.inference.dense import detection_overlay
+
+    outs = _overlay_paths(args)
+    pipe = _pipe(args, "detect")
+    answers = pipe.run([{"image": p} for p in args.images], skip_errors=True, threshold=args.threshold)
+    rows = []
+    for p, a, out in zip(args.images, answers, outs):
+        if isinstance(a, list):
+            _save_overlay(out, p, lambda img, a=a: detection_overlay(img, a))
+            a = [{k: v for k, v in d.items() if k != "mask"} for d in a]
+        rows.append(({"image": p}, a))
+
+    def show(fields: dict[str, Any], answer: Any) -> None:
+        print(f"{fields['image']}: {len(answer)} detections")
+        for d in answer:
+            b = d["box"]
+            print(f"  {d['label']:<16} {d['score']:.3f}  [{b['xmin']:.1f}, {b['ymin']:.1f}, {b['xmax']:.1f}, "
+                  f"{b['ymax']:.1f}]")
+
+    return _emit(args, rows, show)
+
+
 def _predict_help(parser: argparse.ArgumentParser) -> Any:
     def run(args: argparse.Namespace) -> int:
         parser.print_help()
@@ -193,7 +260,8 @@ def _predict_help(parser: argparse.ArgumentParser) -> Any:
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "predict",
-        help="answers for a few images/texts from a checkpoint (classify, vqa, caption, nlvr2, zeroshot, rank)",
+        help="answers for a few images/texts from a checkpoint (classify, vqa, caption, nlvr2, zeroshot, rank, "
+             "segment, detect)",
         description=(
             "Run a fine-tuned checkpoint on a few inputs. Human-readable output by default, --json for one JSON "
             "object per input. A bad input among several is skipped (stderr says why); exit status 2 when none "
@@ -242,6 +310,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     z.add_argument("--top-k", dest="top_k", type=int, default=None, help="show the best K (default: all)")
     _common(z)
     z.set_defaults(func=_zeroshot)
+
+    g = sub.add_parser("segment", help="semantic segmentation (an ade20k fine-tune)")
+    g.add_argument("images", nargs="+", metavar="IMAGE")
+    g.add_argument("--out", default=None, help="overlay PNG (one image) or folder of overlays (several)")
+    g.add_argument("--alpha", type=float, default=0.5, help="opacity of the class colours in the overlay")
+    _common(g)
+    g.set_defaults(func=_segment)
+
+    d = sub.add_parser("detect", help="object detection and instance masks (a coco_detection fine-tune)")
+    d.add_argument("images", nargs="+", metavar="IMAGE")
+    d.add_argument("--threshold", type=float, default=0.5, help="smallest score shown")
+    d.add_argument("--out", default=None, help="overlay PNG (one image) or folder of overlays (several)")
+    _common(d)
+    d.set_defaults(func=_detect)
 
     r = sub.add_parser("rank", help="image-text retrieval scores both ways with a retrieval checkpoint")
     r.add_argument("--images", nargs="+", required=True, metavar="IMAGE")

@@ -13,6 +13,8 @@ nlvr2      nlvr2               ``{"label": "True"|"False", "score"}``
 zeroshot   retrieval           ``[{"label", "score"}]`` over ``labels``, best first (softmax of scaled cosines)
 rank       retrieval           ``{"scores": images×texts cosines, "image_to_text", "text_to_image"}``
 embed      retrieval/backbone  ``{"image_embeds"|"text_embeds": (N, D) tensor}`` (L2-normalised)
+segment    segmentation        ``{"label_map", "segments"}`` (``imglish.inference.dense``)
+detect     detection           ``[{"label", "score", "box", "mask"}]`` (``imglish.inference.dense``)
 =========  ==================  ===================================================================
 
 Every pipeline takes one input or a list (a list gives a list of answers). Images may be paths, bytes, PIL images,
@@ -63,6 +65,8 @@ _FINETUNE_OF = {
     "captioning": "coco_captioning",
     "nlvr2": "nlvr2",
     "retrieval": "coco_retrieval or flickr30k",
+    "segmentation": "ade20k",
+    "detection": "coco_detection",
 }
 
 
@@ -234,7 +238,8 @@ class Pipeline:
     @classmethod
     def _example_name(cls) -> str:
         suffix = {"imageclassification": "224_imageclassification", "vqav2": "480_vqav2", "nlvr2": "224_nlvr2",
-                  "captioning": "480_captioning", "retrieval": "384_retrieval"}.get(cls.model_tasks[0], "224")
+                  "captioning": "480_captioning", "retrieval": "384_retrieval", "segmentation": "512_segmentation",
+                  "detection": "1024_detection"}.get(cls.model_tasks[0], "224")
         return f"beit3_base_patch16_{suffix}"
 
     @staticmethod
@@ -654,6 +659,16 @@ PIPELINES: dict[str, type[Pipeline]] = {
 }
 
 
+def _register_dense() -> None:
+    from imglish.inference.dense import DetectPipeline, SegmentPipeline
+
+    for cls in (SegmentPipeline, DetectPipeline):
+        PIPELINES[cls.task] = cls
+
+
+_register_dense()
+
+
 def pipeline(
     task: str,
     checkpoint: str | os.PathLike | None = None,
@@ -668,7 +683,7 @@ def pipeline(
     max_pixels: int | None = None,
 ) -> Pipeline:
     """A ready pipeline for ``task`` (``classify``, ``vqa``, ``caption``, ``nlvr2``, ``zeroshot``, ``rank``,
-    ``embed``).
+    ``embed``, ``segment``, ``detect``).
 
     Args:
         task: the pipeline's name.
