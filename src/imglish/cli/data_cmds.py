@@ -98,7 +98,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--texts-per-image", type=int, default=5, help="text-corpus lines per image of a split")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per webdataset shard")
     p.add_argument("--formats", default=None,
-                   help="comma-separated subset of coco,flickr30k,vqav2,nlvr2,imagenet,text,wds (default: all)")
+                   help="comma-separated subset of coco,flickr30k,vqav2,nlvr2,imagenet,text,wds,ade20k,"
+                        "coco_instances (default: all)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")

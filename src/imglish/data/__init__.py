@@ -10,9 +10,11 @@ from typing import Any
 
 # Each public name loads its module on first use: `generate_world` needs no torch, the readers do.
 _EXPORTS: dict[str, str] = {
+    "ADE20KDataset": "imglish.data.ade20k",
     "BadRecordCounter": "imglish.data.skip",
     "BadRecordError": "imglish.data.skip",
     "BlockMaskGenerator": "imglish.data.masking",
+    "CocoInstancesDataset": "imglish.data.coco_instances",
     "Collator": "imglish.data.collate",
     "Flickr30kCaptions": "imglish.data.flickr",
     "ImageFolderDataset": "imglish.data.imagenet",

@@ -11,7 +11,9 @@ description (never from the pixels) it writes:
   disagreement);
 * NLVR2 JSON lines with left/right image files (a statement about two images, True/False);
 * an ImageNet-style class tree whose label is the colour and shape of the largest object;
-* a text-only corpus (captions of other, unrendered scenes) and webdataset tar shards (pairs, images, texts).
+* a text-only corpus (captions of other, unrendered scenes) and webdataset tar shards (pairs, images, texts);
+* dense-prediction ground truth: ADE20K-style semantic label maps (drawn in the same pass as the pixels)
+  and COCO instances (boxes, polygons, RLE masks for circles) from the exact geometry of the objects.
 
 The on-disk layout is documented in ``docs/data.md``. Every random draw comes from ``numpy.random.default_rng([seed,
 stream, index])``, so output depends only on the config: same seed and flags give byte-identical files, whatever the
@@ -39,6 +41,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 __all__ = [
+    "ADE_BACKGROUND",
+    "ADE_CLASSES",
+    "ADE_IGNORE",
     "FORMATS",
     "WORLD_FORMAT",
     "WorldConfig",
@@ -56,7 +61,11 @@ __all__ = [
 ]
 
 WORLD_FORMAT = "imglish-shapes/1"
-FORMATS = ("coco", "flickr30k", "vqav2", "nlvr2", "imagenet", "text", "wds")
+FORMATS = ("coco", "flickr30k", "vqav2", "nlvr2", "imagenet", "text", "wds", "ade20k", "coco_instances")
+
+# ADE20K label values of the semantic maps: 0 is unlabelled (ignored), 1 background, 2.. the shapes
+ADE_IGNORE = 0
+ADE_BACKGROUND = 1
 
 # random streams: rng = default_rng([seed, STREAM, index])
 _S_SCENE, _S_TEXT, _S_QA, _S_NLVR2, _S_CORPUS, _S_PAIRS = 1, 2, 3, 4, 5, 6
@@ -252,16 +261,33 @@ def _shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[flo
     return None
 
 
-def render_scene(scene: dict[str, Any], cfg: WorldConfig, rng: np.random.Generator) -> Image.Image:
-    """Draw a scene as an RGB image of ``cfg.image_size`` pixels.
+_Polygon = list[tuple[float, float]]
+
+
+def _object_geometry(o: dict[str, Any], s: int) -> tuple[float, float, float, _Polygon | None]:
+    """Centre, radius (pixels) and polygon (None for a circle) of an object in an image of side ``s``."""
+    cx, cy, r = o["x"] * s, o["y"] * s, o["r"] * s
+    return cx, cy, r, _shape_polygon(o["shape"], cx, cy, r)
+
+
+def render_scene(scene: dict[str, Any], cfg: WorldConfig, rng: np.random.Generator,
+                 labels: bool = False) -> Image.Image | tuple[Image.Image, np.ndarray]:
+    """Draw a scene as an RGB image of ``cfg.image_size`` pixels, and optionally its semantic label map.
+
+    The label map is drawn in the same pass, with the same drawing calls and coordinates as the image, so it
+    matches the pixels exactly; asking for it changes no random draw (the image is the same either way). Its
+    values follow ADE20K: ``ADE_IGNORE`` (0) for the grey clutter specks, ``ADE_BACKGROUND`` (1) for the
+    background and ``2 + k`` for a pixel of the k-th shape of the vocabulary (circle, square, triangle,
+    diamond, cross).
 
     Args:
         scene: from :func:`sample_scene`.
         cfg: world settings (size, noise).
         rng: random generator for colour jitter and noise.
+        labels: also return the label map.
 
     Returns:
-        ``PIL.Image`` in RGB.
+        ``PIL.Image`` in RGB; with ``labels``, ``(image, label_map)``, ``label_map`` a ``(H, W)`` uint8 array.
     """
     s = cfg.image_size
     base = np.array(_BACKGROUNDS[scene["background"]], dtype=np.float32)
@@ -273,21 +299,30 @@ def render_scene(scene: dict[str, Any], cfg: WorldConfig, rng: np.random.Generat
         bg = np.broadcast_to(base, (s, s, 3)).copy()
     img = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(img)
+    label_img = Image.new("L", (s, s), ADE_BACKGROUND) if labels else None
+    ldraw = ImageDraw.Draw(label_img) if label_img is not None else None
     # a few specks of background clutter (small, grey, never a shape from the vocabulary)
     for _ in range(int(rng.integers(0, 4))):
         px, py = rng.uniform(0, s, 2)
         d = max(1.0, s / 64)
         g = int(rng.integers(90, 170))
-        draw.rectangle([px, py, px + d, py + d], fill=(g, g, g))
+        box = [px, py, px + d, py + d]
+        draw.rectangle(box, fill=(g, g, g))
+        if ldraw is not None:
+            ldraw.rectangle(box, fill=ADE_IGNORE)
     for o in scene["objects"]:
         col = np.array(_COLORS[o["color"]]) + rng.integers(-14, 15, 3)
         fill = tuple(int(v) for v in np.clip(col, 0, 255))
-        cx, cy, r = o["x"] * s, o["y"] * s, o["r"] * s
-        poly = _shape_polygon(o["shape"], cx, cy, r)
+        cx, cy, r, poly = _object_geometry(o, s)
+        cls = ADE_BACKGROUND + 1 + _SHAPES.index(o["shape"])
         if poly is None:
             draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+            if ldraw is not None:
+                ldraw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=cls)
         else:
             draw.polygon(poly, fill=fill)
+            if ldraw is not None:
+                ldraw.polygon(poly, fill=cls)
     if cfg.noise_fraction > 0 and cfg.noise_amplitude > 0:
         # sparse brightness noise: visible, yet PNG files stay small (dense Gaussian noise does not compress)
         arr = np.asarray(img, dtype=np.int16)
@@ -295,7 +330,56 @@ def render_scene(scene: dict[str, Any], cfg: WorldConfig, rng: np.random.Generat
         shift = rng.integers(-cfg.noise_amplitude, cfg.noise_amplitude + 1, (s, s), dtype=np.int16)
         arr = arr + (shift * hit)[..., None]
         img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
-    return img
+    if label_img is None:
+        return img
+    return img, np.array(label_img, dtype=np.uint8)
+
+
+# dense annotations (COCO instances) from scene descriptions
+
+
+def _rle_counts(mask: np.ndarray) -> list[int]:
+    """Uncompressed COCO RLE counts of a mask: runs over the pixels in column-major order, zeros first."""
+    flat = np.asarray(mask, dtype=bool).ravel(order="F")
+    if flat.size == 0:
+        return []
+    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    runs = np.diff(np.concatenate([[0], change, [flat.size]])).tolist()
+    return [0, *runs] if flat[0] else runs
+
+
+def _polygon_area(poly: Sequence[tuple[float, float]]) -> float:
+    """Area enclosed by a simple polygon (shoelace formula)."""
+    twice = 0.0
+    for (x0, y0), (x1, y1) in zip(poly, [*poly[1:], poly[0]]):
+        twice += x0 * y1 - x1 * y0
+    return abs(twice) / 2.0
+
+
+def _instance_annotations(scene: dict[str, Any], s: int) -> list[dict[str, Any]]:
+    """COCO instance annotations (without ``id`` and ``image_id``) of a scene's objects, in object order.
+
+    Polygon shapes get their exact vertices as a COCO polygon; a circle gets the uncompressed RLE of the
+    ellipse that :func:`render_scene` draws (the same call and coordinates on an empty mask).
+    """
+    out: list[dict[str, Any]] = []
+    for o in scene["objects"]:
+        cx, cy, r, poly = _object_geometry(o, s)
+        if poly is None:
+            mask_img = Image.new("L", (s, s), 0)
+            ImageDraw.Draw(mask_img).ellipse([cx - r, cy - r, cx + r, cy + r], fill=1)
+            mask = np.asarray(mask_img, dtype=bool)
+            bbox = [cx - r, cy - r, 2 * r, 2 * r]
+            seg: Any = {"counts": _rle_counts(mask), "size": [s, s]}
+            area = float(mask.sum())
+        else:
+            xs, ys = [p[0] for p in poly], [p[1] for p in poly]
+            bbox = [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)]
+            seg = [[v for p in poly for v in p]]
+            area = round(_polygon_area(poly), 2)
+        out.append({"category_id": _SHAPES.index(o["shape"]) + 1, "iscrowd": 0,
+                    "bbox": [round(v, 2) for v in bbox], "area": area, "segmentation": seg})
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -580,6 +664,15 @@ def _nlvr2_image_relpath(split: str, k: int, side: int) -> str:
     return f"images/{d}/{name}"
 
 
+_ADE_FOLDERS = {"train": "training", "val": "validation", "test": "testing"}
+#: names of the reduced class ids 0..5 of the world's ADE20K layout (raw label v is class v - 1; 0 is ignored)
+ADE_CLASSES = ("background", *_SHAPES)
+
+
+def _ade_name(split: str, image_id: int) -> str:
+    return f"ADE_{split}_{image_id:08d}"
+
+
 def world_paths(root: str | os.PathLike) -> dict[str, Path]:
     """Where everything lives in a world folder (see ``docs/data.md``).
 
@@ -590,7 +683,8 @@ def world_paths(root: str | os.PathLike) -> dict[str, Path]:
         a dict of named paths: ``world_json``, ``coco_root`` (image root of the Karpathy file), ``coco_karpathy``,
         ``coco_gt_{train,val,test}``, ``flickr30k_root``, ``flickr30k_karpathy``, ``vqav2_dir``, ``nlvr2_dir``,
         ``imagenet_{train,val,test}``, ``images_{train,val,test}`` (the image-only sets: the ImageNet trees),
-        ``text_{train,val,test}``, ``wds_dir``.
+        ``text_{train,val,test}``, ``wds_dir``, ``ade20k_root`` (an ADEChallengeData2016-style folder),
+        ``coco_instances_{train,val,test}`` (COCO instances JSON; images relative to ``coco_root``).
     """
     r = Path(root)
     p: dict[str, Path] = {
@@ -602,12 +696,14 @@ def world_paths(root: str | os.PathLike) -> dict[str, Path]:
         "vqav2_dir": r / "vqav2",
         "nlvr2_dir": r / "nlvr2",
         "wds_dir": r / "wds",
+        "ade20k_root": r / "ade20k",
     }
     for split in ("train", "val", "test"):
         p[f"coco_gt_{split}"] = r / "coco" / "annotations" / f"coco_karpathy_{split}_gt.json"
         p[f"imagenet_{split}"] = r / "imagenet" / split
         p[f"images_{split}"] = r / "imagenet" / split
         p[f"text_{split}"] = r / "text" / f"{split}.txt"
+        p[f"coco_instances_{split}"] = r / "coco" / "annotations" / f"instances_{split}.json"
     return p
 
 
@@ -662,6 +758,9 @@ def _link_or_write(src: Path | None, dst: Path, data: bytes) -> Path:
     return dst
 
 
+# layouts that read their images from coco/{train2014,val2014}
+_COCO_IMAGE_FORMATS = {"coco", "vqav2", "coco_instances"}
+
 # Worker-side state (set once per process by the pool initializer).
 _W: dict[str, Any] = {}
 
@@ -676,17 +775,26 @@ def _make_scene(job: tuple[int, str]) -> dict[str, Any]:
     cfg: WorldConfig = _W["cfg"]
     root: Path = _W["root"]
     scene = sample_scene(_rng(cfg.seed, _S_SCENE, image_id), cfg)
-    img = render_scene(scene, cfg, _rng(cfg.seed, _S_SCENE + 100, image_id))
+    fm = set(cfg.formats)
+    label_map = None
+    if "ade20k" in fm:
+        img, label_map = render_scene(scene, cfg, _rng(cfg.seed, _S_SCENE + 100, image_id), labels=True)
+    else:
+        img = render_scene(scene, cfg, _rng(cfg.seed, _S_SCENE + 100, image_id))
     jpg = _encode(img, "JPEG", cfg.jpeg_quality)
     label = scene_label(scene)
-    fm = set(cfg.formats)
     first: Path | None = None  # the same JPEG is hard-linked into every layout that shows this image
-    if fm & {"coco", "vqav2"}:
+    if fm & _COCO_IMAGE_FORMATS:
         first = _link_or_write(first, root / "coco" / _coco_folder(split) / _coco_name(split, image_id), jpg)
     if "flickr30k" in fm:
         first = _link_or_write(first, root / "flickr30k" / "flickr30k-images" / f"{image_id}.jpg", jpg)
     if "imagenet" in fm:
         first = _link_or_write(first, root / "imagenet" / split / label / f"{image_id:08d}.JPEG", jpg)
+    if label_map is not None:
+        ade, name = root / "ade20k", _ade_name(split, image_id)
+        first = _link_or_write(first, ade / "images" / _ADE_FOLDERS[split] / f"{name}.jpg", jpg)
+        _write(ade / "annotations" / _ADE_FOLDERS[split] / f"{name}.png",
+               _encode(Image.fromarray(label_map, "L"), "PNG", 0))
     slots = _W["slots"].get(image_id, [])
     if slots:
         png = _encode(img, "PNG", 0)
@@ -695,8 +803,9 @@ def _make_scene(job: tuple[int, str]) -> dict[str, Any]:
             first_png = _link_or_write(first_png, root / "nlvr2" / rel, png)
     captions = make_captions(scene, _rng(cfg.seed, _S_TEXT, image_id), cfg.captions_per_image)
     questions = make_questions(scene, _rng(cfg.seed, _S_QA, image_id), cfg.questions_per_image, cfg.answer_noise)
+    instances = _instance_annotations(scene, cfg.image_size) if "coco_instances" in fm else []
     return {"id": image_id, "split": split, "scene": scene, "label": label, "captions": captions,
-            "questions": questions, "jpg": jpg if "wds" in fm else b""}
+            "questions": questions, "jpg": jpg if "wds" in fm else b"", "instances": instances}
 
 
 def _dump_json(path: Path, obj: Any) -> None:
@@ -781,8 +890,13 @@ def generate_world(cfg: WorldConfig, out_dir: str | os.PathLike, *, overwrite: b
     jobs = [(i, split) for split, (a, b) in splits.items() for i in range(a, b)]
 
     for split in split_names:
-        if fm & {"coco", "vqav2"}:
+        if fm & _COCO_IMAGE_FORMATS:
             (tmp / "coco" / _coco_folder(split)).mkdir(parents=True, exist_ok=True)
+        if "coco_instances" in fm:
+            (tmp / "coco" / "annotations").mkdir(parents=True, exist_ok=True)
+        if "ade20k" in fm:
+            for sub in ("images", "annotations"):
+                (tmp / "ade20k" / sub / _ADE_FOLDERS[split]).mkdir(parents=True, exist_ok=True)
         if "imagenet" in fm:
             for name in class_names():
                 (tmp / "imagenet" / split / name).mkdir(parents=True, exist_ok=True)
@@ -947,6 +1061,31 @@ def generate_world(cfg: WorldConfig, out_dir: str | os.PathLike, *, overwrite: b
             counts["text_lines"] = {s: len(v) for s, v in texts.items()}
         if "imagenet" in fm:
             counts["classes"] = len(class_names())
+
+        # dense prediction: ADE20K class list, COCO instances per split
+        if "ade20k" in fm:
+            files.append((str(paths["ade20k_root"] / "classes.json"), json.dumps(list(ADE_CLASSES)).encode()))
+            counts["ade20k"] = dict(sizes)
+        if "coco_instances" in fm:
+            categories = [{"id": k + 1, "name": name, "supercategory": "shape"}
+                          for k, name in enumerate(_SHAPES)]
+            inst_counts = {}
+            for split in split_names:
+                rs = [r for r in results if r["split"] == split]
+                anns = [{**a, "id": n + 1, "image_id": r["id"]}
+                        for n, (r, a) in enumerate((r, a) for r in rs for a in r["instances"])]
+                doc = {
+                    "info": {"description": f"imglish synthetic world, instances of the {split} split"},
+                    "licenses": [],
+                    "images": [{"id": r["id"], "width": cfg.image_size, "height": cfg.image_size,
+                                "file_name": f"{_coco_folder(split)}/{_coco_name(split, r['id'])}"}
+                               for r in rs],
+                    "categories": categories,
+                    "annotations": anns,
+                }
+                files.append((str(paths[f"coco_instances_{split}"]), _json_bytes(doc)))
+                inst_counts[split] = len(anns)
+            counts["coco_instances"] = inst_counts
 
         # webdataset shards: pairs (jpg, txt, json), images (jpg, cls), texts (txt)
         if "wds" in fm:
