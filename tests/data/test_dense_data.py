@@ -39,6 +39,9 @@ from imglish.data.synthetic import (
 mask_api = pytest.importorskip("pycocotools.mask")
 COCO = pytest.importorskip("pycocotools.coco").COCO
 
+# pycocotools 2.0.11 trips NumPy 2's __array__(copy=) DeprecationWarning inside its own decode
+pytestmark = pytest.mark.filterwarnings("ignore:.*__array__ implementation:DeprecationWarning")
+
 CFG = {"num_images": 30, "image_size": 64, "seed": 4, "workers": 1}
 ADE_DIRS = {"train": "training", "val": "validation", "test": "testing"}
 

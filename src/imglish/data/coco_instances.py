@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -218,7 +219,9 @@ class CocoInstancesDataset(RecordDataset):
             else:
                 polygons = [[float(v) for v in poly] for poly in seg]
                 rle = mask_api.merge(mask_api.frPyObjects(polygons, height, width))
-            out[k] = mask_api.decode(rle)
+            with warnings.catch_warnings():  # pycocotools' own NumPy 2 DeprecationWarning (__array__ copy=)
+                warnings.filterwarnings("ignore", message=r".*__array__ implementation", category=DeprecationWarning)
+                out[k] = mask_api.decode(rle)
         return torch.from_numpy(out)
 
     def __getitem__(self, i: int) -> dict[str, Any] | SkippedRecord:

@@ -292,6 +292,10 @@ class BEiT3ForDetection(BEiT3Model):
         image_mean, image_std: normalisation (BEiT-3 pretraining: 0.5).
         with_masks: build the mask branch (False: Faster R-CNN).
         detections_per_img, box_score_thresh: test-time limits.
+        rpn_proposals: proposals kept after the RPN's NMS in training (half of it at test time; torchvision:
+            2000 / 1000).
+        roi_batch: RoIs sampled per image for the box and mask losses (torchvision: 512; the RPN samples at most
+            256 anchors, fewer when this is smaller).
     """
 
     task = "detection"
@@ -303,7 +307,8 @@ class BEiT3ForDetection(BEiT3Model):
                  mask_head_dim: int = 256, min_size: int = 1024, max_size: int = 1024,
                  anchor_sizes: Sequence[int] = (32, 64, 128, 256, 512),
                  image_mean: Sequence[float] = (0.5, 0.5, 0.5), image_std: Sequence[float] = (0.5, 0.5, 0.5),
-                 with_masks: bool = True, detections_per_img: int = 100, box_score_thresh: float = 0.05) -> None:
+                 with_masks: bool = True, detections_per_img: int = 100, box_score_thresh: float = 0.05,
+                 rpn_proposals: int = 2000, roi_batch: int = 512) -> None:
         super().__init__(config)
         from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
         from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
@@ -322,6 +327,7 @@ class BEiT3ForDetection(BEiT3Model):
             anchor_sizes=[int(a) for a in anchor_sizes], image_mean=[float(v) for v in image_mean],
             image_std=[float(v) for v in image_std], with_masks=bool(with_masks),
             detections_per_img=int(detections_per_img), box_score_thresh=float(box_score_thresh),
+            rpn_proposals=int(rpn_proposals), roi_batch=int(roi_batch),
         )
         self.num_classes = int(num_classes)
         c = int(fpn_channels)
@@ -331,8 +337,9 @@ class BEiT3ForDetection(BEiT3Model):
         anchors = AnchorGenerator(tuple((int(a),) for a in anchor_sizes), ((0.5, 1.0, 2.0),) * 5)
         self.rpn = RegionProposalNetwork(
             anchors, RPNHead(c, anchors.num_anchors_per_location()[0]),
-            fg_iou_thresh=0.7, bg_iou_thresh=0.3, batch_size_per_image=256, positive_fraction=0.5,
-            pre_nms_top_n={"training": 2000, "testing": 1000}, post_nms_top_n={"training": 2000, "testing": 1000},
+            fg_iou_thresh=0.7, bg_iou_thresh=0.3, batch_size_per_image=min(256, roi_batch), positive_fraction=0.5,
+            pre_nms_top_n={"training": rpn_proposals, "testing": max(rpn_proposals // 2, 1)},
+            post_nms_top_n={"training": rpn_proposals, "testing": max(rpn_proposals // 2, 1)},
             nms_thresh=0.7,
         )
         levels = ["0", "1", "2", "3"]
@@ -346,7 +353,7 @@ class BEiT3ForDetection(BEiT3Model):
         self.roi_heads = RoIHeads(
             MultiScaleRoIAlign(levels, 7, 2), TwoMLPHead(c * 49, box_head_dim),
             FastRCNNPredictor(box_head_dim, num_classes),
-            fg_iou_thresh=0.5, bg_iou_thresh=0.5, batch_size_per_image=512, positive_fraction=0.25,
+            fg_iou_thresh=0.5, bg_iou_thresh=0.5, batch_size_per_image=roi_batch, positive_fraction=0.25,
             bbox_reg_weights=None, score_thresh=box_score_thresh, nms_thresh=0.5,
             detections_per_img=detections_per_img, **mask_kw,
         )

@@ -124,7 +124,7 @@ class CocoDetectionTask(Task):
             masks = masks[:, y : y + size, x : x + size]
         keep = ((boxes[:, 2] - boxes[:, 0]) >= 1) & ((boxes[:, 3] - boxes[:, 1]) >= 1)
         if masks is not None and len(masks):
-            keep &= masks.flatten(1).any(1)
+            keep &= masks.flatten(1).bool().any(1)
         boxes, labels = boxes[keep], labels[keep]
         masks = masks[keep] if masks is not None else None
         image = F.pad(image, (0, size - cw, 0, size - ch))
@@ -148,6 +148,7 @@ class CocoDetectionTask(Task):
             "num_classes": len(self.classes) + 1, "fpn_channels": c, "box_head_dim": 4 * c, "mask_head_dim": c,
             "min_size": size, "max_size": size, "anchor_sizes": list(anchors),
             "box_score_thresh": self.cfg.task.box_score_thresh,
+            "rpn_proposals": self.cfg.task.rpn_proposals, "roi_batch": self.cfg.task.roi_batch,
         }
 
     def count_targets(self, batch: Mapping[str, Mapping[str, Any]], step: int) -> dict[str, int]:
@@ -168,7 +169,7 @@ class CocoDetectionTask(Task):
         images = [img.float() for img in batch["image"]]
         detections = model(images)
         out = []
-        for pos, image_id, det in zip(batch["index"].tolist(), batch["image_id"].tolist(), detections):
+        for pos, image_id, det in zip(batch["index"].tolist(), [int(i) for i in batch["image_id"]], detections):
             res = detections_to_coco(
                 int(image_id), det["boxes"].float().cpu(), det["scores"].float().cpu(), det["labels"].cpu(),
                 det["masks"].float().cpu() if "masks" in det else None, cat_ids=self.cat_ids,

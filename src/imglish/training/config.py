@@ -340,6 +340,8 @@ class TaskConfig:
         anchor_sizes: coco_detection: one anchor size per pyramid level (5 values; empty: 32..512 scaled by
             ``img_size / 1024``).
         box_score_thresh: coco_detection: detections scoring below this are dropped at test time.
+        rpn_proposals: coco_detection: RPN proposals kept in training, half at test time (recipe: 2000).
+        roi_batch: coco_detection: RoIs sampled per image for the box and mask losses (recipe: 512).
     """
 
     name: str = "pretraining"
@@ -372,6 +374,8 @@ class TaskConfig:
     photometric: bool = True
     anchor_sizes: tuple[int, ...] = ()
     box_score_thresh: float = 0.05
+    rpn_proposals: int = 2000
+    roi_batch: int = 512
 
 
 @dataclass
@@ -550,6 +554,8 @@ class TrainConfig:
             raise ValueError(f"task.scale_range must be two factors 0 < lo <= hi, got {list(t.scale_range)}")
         if t.anchor_sizes and (len(t.anchor_sizes) != 5 or min(t.anchor_sizes) < 1):
             raise ValueError(f"task.anchor_sizes needs 5 positive sizes (one per level), got {list(t.anchor_sizes)}")
+        if t.rpn_proposals < 1 or t.roi_batch < 1:
+            raise ValueError(f"task.rpn_proposals and task.roi_batch must be >= 1, got {t.rpn_proposals}, {t.roi_batch}")
         if not 0.0 <= t.box_score_thresh < 1.0:
             raise ValueError(f"task.box_score_thresh must be in [0, 1), got {t.box_score_thresh}")
 

@@ -129,7 +129,8 @@ _TINY: dict[str, dict[str, typing.Any]] = {
                "task.scale_range": (0.75, 1.5), "task.photometric": False, "task.eval_batch_size": 16},
     "coco_detection": {"optim.lr": 3e-4, "task.batch_size": 8, "schedule.max_steps": 150, "model.img_size": 128,
                        "model.patch_size": 16, "task.head_channels": 64, "task.scale_range": (0.8, 1.25),
-                       "task.anchor_sizes": (8, 16, 32, 64, 128), "task.eval_batch_size": 8},
+                       "task.anchor_sizes": (8, 16, 32, 64, 128), "task.eval_batch_size": 8,
+                       "task.rpn_proposals": 200, "task.roi_batch": 64},
 }
 
 
