@@ -84,6 +84,9 @@ def test_segmentation_end_to_end(dense_world, tmp_path, capsys):
     m = confusion_matrix(pipe(str(image))["label_map"], label, 6)
     entry = next(p for p in preds["images"] if p["id"] == image.stem)
     assert sorted([g, p, int(m[g, p])] for g, p in m.nonzero().tolist()) == sorted(entry["confusion"])
+    # bf16 weights: the same map up to a few boundary pixels
+    bf16 = imglish.pipeline("segment", out / "model.safetensors", precision="bf16")(str(image))["label_map"]
+    assert (bf16 == pipe(str(image))["label_map"]).float().mean() > 0.97
 
 
 def test_detection_end_to_end(dense_world, tmp_path, capsys):
@@ -116,6 +119,10 @@ def test_detection_end_to_end(dense_world, tmp_path, capsys):
     assert sorted(p.name for p in folder.iterdir()) == sorted(f"{p.stem}.png" for p in images)
     assert main(["predict", "detect", "--checkpoint", str(out / "model.safetensors"), str(images[0]),
                  "--threshold", "2"]) == 2
+    import imglish
+
+    with pytest.raises(ValueError, match="fp32"):
+        imglish.pipeline("detect", out / "model.safetensors", precision="bf16")
 
 
 def test_segmentation_samples_are_seeded_and_padded_with_ignore(dense_world, tmp_path):
