@@ -242,5 +242,9 @@ def test_check_world_reads_everything_and_reports_a_corrupt_file(world, tmp_path
     assert report["coco_train"]["skipped"] == {"image unreadable": 5}  # its five caption records
     assert report["flickr30k_train"]["skipped"] == {}
     assert report["nlvr2_train"]["records"] == 48 * 4 and report["wds_texts"]["records"] == 60 * 5
+    # the dense layouts: the ADE20K copy is a hard link to the good bytes; the instances file shares coco/
+    assert report["ade20k_train"] == {"records": 48, "skipped": {}}
+    assert report["coco_instances_train"]["records"] == 47
+    assert sum(report["coco_instances_train"]["skipped"].values()) == 1
     with pytest.raises(BadRecordError, match="image unreadable"):
         check_world(copy, strict=True)

@@ -6,7 +6,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from imglish.data.ade20k import ADE20KDataset
 from imglish.data.coco import KarpathyCaptions
+from imglish.data.coco_instances import CocoInstancesDataset
 from imglish.data.flickr import Flickr30kCaptions
 from imglish.data.imagenet import ImageFolderDataset
 from imglish.data.nlvr2 import NLVR2Dataset
@@ -59,6 +61,18 @@ def check_world(root: str | os.PathLike, *, strict: bool = False, load_images: b
             run(f"imagenet_{split}", ImageFolderDataset(p[f"imagenet_{split}"], classes=classes, skip=counter()))
         if p[f"text_{split}"].is_file():
             run(f"text_{split}", TextCorpus(p[f"text_{split}"], skip=counter()))
+        folder = {"train": "training", "val": "validation", "test": "testing"}[split]
+        if (p["ade20k_root"] / "images" / folder).is_dir():
+            run(f"ade20k_{split}", ADE20KDataset(p["ade20k_root"], folder, skip=counter(), num_classes=6))
+        if p[f"coco_instances_{split}"].is_file():
+            try:  # masks need pycocotools (the eval extra); boxes alone do not
+                import pycocotools.mask  # noqa: F401
+
+                masks = True
+            except ImportError:
+                masks = False
+            run(f"coco_instances_{split}", CocoInstancesDataset(p[f"coco_instances_{split}"], p["coco_root"],
+                                                                skip=counter(), skip_empty=False, with_masks=masks))
     vq = p["vqav2_dir"]
     if (vq / "v2_mscoco_train2014_annotations.json").is_file():
         vocab = build_answer_vocab([vq / "v2_mscoco_train2014_annotations.json"])
