@@ -188,7 +188,9 @@ def test_checkpoint_of_another_task_is_named(checkpoints):
         pipeline("zeroshot", checkpoints["classify"])
     with pytest.raises(FileNotFoundError, match="does not exist"):
         pipeline("vqa", "/no/such/model.safetensors")
-    with pytest.raises(ValueError, match="unknown pipeline 'segment'"):
+    with pytest.raises(ValueError, match="unknown pipeline 'paint'"):
+        pipeline("paint", checkpoints["vqa"])
+    with pytest.raises(ValueError, match=r"`segment` needs a 'segmentation' model \(made by `imglish finetune ade20k`"):
         pipeline("segment", checkpoints["vqa"])
 
 
