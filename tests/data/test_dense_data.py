@@ -413,3 +413,18 @@ def test_coco_instances_reader_unreadable_image_and_missing_pycocotools(dense_wo
         CocoInstancesDataset(p["coco_instances_val"], p["coco_root"])
     rec = CocoInstancesDataset(p["coco_instances_val"], p["coco_root"], with_masks=False)[0]
     assert "masks" not in rec and len(rec["boxes"]) >= 1
+
+
+def test_cocoeval_of_the_world_ground_truth_as_predictions_is_100(dense_world):
+    """Results made from the world's own annotations (boxes, polygons and circle RLEs as masks) score AP 100."""
+    from imglish.evaluation.dense import coco_evaluate, mask_to_rle
+
+    doc = json.loads(world_paths(dense_world)["coco_instances_val"].read_text())
+    coco = _coco(doc)
+    results = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0,
+                "segmentation": mask_to_rle(coco.annToMask(a))} for a in doc["annotations"]]
+    m = coco_evaluate(doc, results)
+    assert m["bbox_AP"] == pytest.approx(100.0) and m["segm_AP"] == pytest.approx(100.0)
+    assert m["bbox_AP50"] == pytest.approx(100.0) and m["segm_AR100"] == pytest.approx(100.0)
+    shifted = [{**r, "bbox": [r["bbox"][0] + 0.6 * r["bbox"][2], *r["bbox"][1:]]} for r in results]
+    assert coco_evaluate(doc, shifted, iou_types=("bbox",))["bbox_AP"] < 20

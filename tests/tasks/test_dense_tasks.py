@@ -84,6 +84,22 @@ def test_segmentation_end_to_end(dense_world, tmp_path, capsys):
     m = confusion_matrix(pipe(str(image))["label_map"], label, 6)
     entry = next(p for p in preds["images"] if p["id"] == image.stem)
     assert sorted([g, p, int(m[g, p])] for g, p in m.nonzero().tolist()) == sorted(entry["confusion"])
+    # `imglish evaluate` on a copy whose first val label map has the wrong size: that image is skipped and
+    # counted, the rest is scored
+    import shutil
+
+    bad_world = tmp_path / "bad_world"
+    shutil.copytree(dense_world / "ade20k", bad_world / "ade20k")
+    victim = sorted((bad_world / "ade20k" / "annotations" / "validation").glob("*.png"))[0]
+    label = Image.open(victim)
+    victim.unlink()  # (a hard link into the shared world: write a new file)
+    label.resize((32, 32), Image.NEAREST).save(victim)
+    assert main(["evaluate", "ade20k", "--data", str(bad_world), "--checkpoint", str(out / "model.safetensors"),
+                 "--out", str(tmp_path / "eval")]) == 0
+    doc = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert doc["skipped"] == 1 and doc["bad_records"] == {"label size mismatch": 1}
+    assert len(json.loads((tmp_path / "eval" / "predictions.json").read_text())["images"]) == 23
+    capsys.readouterr()
     # bf16 weights: the same map up to a few boundary pixels
     bf16 = imglish.pipeline("segment", out / "model.safetensors", precision="bf16")(str(image))["label_map"]
     assert (bf16 == pipe(str(image))["label_map"]).float().mean() > 0.97
@@ -119,6 +135,22 @@ def test_detection_end_to_end(dense_world, tmp_path, capsys):
     assert sorted(p.name for p in folder.iterdir()) == sorted(f"{p.stem}.png" for p in images)
     assert main(["predict", "detect", "--checkpoint", str(out / "model.safetensors"), str(images[0]),
                  "--threshold", "2"]) == 2
+    # `imglish evaluate` with a degenerate box in the val annotations: dropped and counted, the split scored
+    import shutil
+
+    bad_world = tmp_path / "bad_world"
+    shutil.copytree(dense_world / "coco", bad_world / "coco")
+    ann = bad_world / "coco" / "annotations" / "instances_val.json"
+    doc = json.loads(ann.read_text())
+    doc["annotations"][0]["bbox"][2] = 0.0
+    ann.unlink()
+    ann.write_text(json.dumps(doc))
+    assert main(["evaluate", "coco_detection", "--data", str(bad_world), "--checkpoint",
+                 str(out / "model.safetensors"), "--out", str(tmp_path / "eval")]) == 0
+    doc = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert doc["bad_records"] == {"bad box": 1} and doc["metrics"]["bbox_AP50"] >= 0
+    assert len(json.loads((tmp_path / "eval" / "predictions.json").read_text())["image_ids"]) == 24
+
     import imglish
 
     with pytest.raises(ValueError, match="fp32"):
