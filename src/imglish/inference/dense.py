@@ -95,21 +95,14 @@ class SegmentPipeline(_DensePipeline):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._check_labels(self.model.num_classes, "class names")
-        cfg = self.processor.transform_config
-        self._mean = torch.tensor(cfg.mean).view(3, 1, 1)
-        self._std = torch.tensor(cfg.std).view(3, 1, 1)
 
     def preprocess(self, example: Mapping[str, Any]) -> dict[str, Any]:
-        from torchvision.transforms.v2 import functional as TF
-
-        from imglish.tasks.segmentation import _resize_shorter
+        from imglish.tasks.segmentation import eval_image
 
         img = self.load(example["image"])
-        x = TF.pil_to_tensor(img.convert("RGB"))
-        crop = int(self.model.config.img_size[0])
-        h, w = x.shape[-2:]
-        x = TF.resize(x, list(_resize_shorter(h, w, crop, 4 * crop)), antialias=True)
-        return {"image": (x.float() / 255.0 - self._mean) / self._std, "size": (h, w)}
+        cfg = self.processor.transform_config
+        x = eval_image(img, int(self.model.config.img_size[0]), cfg.mean, cfg.std)
+        return {"image": x, "size": (img.height, img.width)}
 
     @torch.no_grad()
     def forward(self, batch: Mapping[str, Any], **params: Any) -> list[torch.Tensor]:

@@ -185,7 +185,6 @@ class UperNetHead(nn.Module):
     def forward(self, feats: Sequence[Tensor]) -> Tensor:
         *fine, coarse = feats
         size = coarse.shape[-2:]
-        # (a 1x1 pooled map is broadcast rather than interpolated: the same values, and it exports cleanly)
         pooled = [_resize(m(coarse), size) for m in self.ppm]
         lat = [conv(x) for conv, x in zip(self.lateral, fine)] + [self.bottleneck(torch.cat([coarse, *pooled], 1))]
         for i in range(len(lat) - 1, 0, -1):

@@ -32,10 +32,9 @@ from torch import nn
 
 from imglish.tasks.base import Task, register_task
 
-__all__ = ["ADE20KTask", "slide_logits"]
+__all__ = ["ADE20KTask", "eval_image", "slide_logits"]
 
 IGNORE = 255
-_SPLITS = {"train": "training", "val": "validation", "test": "testing"}
 _MEAN = (0.5, 0.5, 0.5)
 _STD = (0.5, 0.5, 0.5)
 
@@ -43,15 +42,24 @@ _STD = (0.5, 0.5, 0.5)
 def _resize_shorter(h: int, w: int, short: float, long_cap: float) -> tuple[int, int]:
     """The size whose shorter side is ``short`` and longer side at most ``long_cap`` (aspect kept)."""
     scale = min(short / min(h, w), long_cap / max(h, w))
-    return max(1, int(round(h * scale))), max(1, int(round(w * scale)))
+    return max(1, round(h * scale)), max(1, round(w * scale))
 
 
-def _normalise(image: torch.Tensor) -> torch.Tensor:
-    """uint8 (3, H, W) -> float, mean/std 0.5."""
+def _normalise(image: torch.Tensor, mean: Sequence[float] = _MEAN, std: Sequence[float] = _STD) -> torch.Tensor:
+    """uint8 (3, H, W) -> float, normalised (BEiT-3's mean/std 0.5 by default)."""
     x = image.float().div_(255.0)
-    mean = torch.tensor(_MEAN).view(3, 1, 1)
-    std = torch.tensor(_STD).view(3, 1, 1)
-    return (x - mean) / std
+    return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+
+
+def eval_image(image: Any, crop: int, mean: Sequence[float] = _MEAN, std: Sequence[float] = _STD) -> torch.Tensor:
+    """A PIL image as evaluation sees it: the shorter side resized to ``crop`` (the longer at most 4x), normalised;
+    the input of :func:`slide_logits` (the ``segment`` pipeline uses it too)."""
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    x = TF.pil_to_tensor(image.convert("RGB"))
+    size = _resize_shorter(x.shape[-2], x.shape[-1], crop, 4 * crop)
+    return _normalise(TF.resize(x, list(size), InterpolationMode.BILINEAR, antialias=True), mean, std)
 
 
 def slide_logits(model: nn.Module, image: torch.Tensor, crop: int, stride: int, num_classes: int,
@@ -110,7 +118,9 @@ class ADE20KTask(Task):
         )
 
     def _folder(self, split: str) -> str:
-        folder = _SPLITS[split]
+        from imglish.data.ade20k import ADE20K_SPLITS
+
+        folder = ADE20K_SPLITS[split]
         if split == "test" and not (self._root() / "images" / folder).is_dir():
             return "validation"  # ADE20K's test images have no public labels: test = val, as for imagenet
         return folder
@@ -143,16 +153,15 @@ class ADE20KTask(Task):
         from torchvision.transforms.v2 import InterpolationMode
         from torchvision.transforms.v2 import functional as TF
 
-        image = TF.pil_to_tensor(record["image"].convert("RGB"))
         label = torch.as_tensor(np.asarray(record["label"]), dtype=torch.uint8)
-        if tuple(label.shape) != tuple(image.shape[-2:]):
-            raise ValueError(f"label {tuple(label.shape)} and image {tuple(image.shape[-2:])} differ in size")
+        if tuple(label.shape) != tuple(record["image"].size[::-1]):
+            raise ValueError(f"label {tuple(label.shape)} and image {record['image'].size[::-1]} differ in size")
         crop = self._crop_size()
-        h, w = image.shape[-2:]
         if not train:
-            size = _resize_shorter(h, w, crop, 4 * crop)
-            image = TF.resize(image, list(size), InterpolationMode.BILINEAR, antialias=True)
-            return {"image": _normalise(image), "label": label.long(), "id": str(record.get("id", ""))}
+            return {"image": eval_image(record["image"], crop), "label": label.long(),
+                    "id": str(record.get("id", ""))}
+        image = TF.pil_to_tensor(record["image"].convert("RGB"))
+        h, w = image.shape[-2:]
         rng = np.random.default_rng(seed)
         lo, hi = self.cfg.task.scale_range
         r = float(rng.uniform(lo, hi))
@@ -260,9 +269,7 @@ class ADE20KTask(Task):
         }
 
     def ground_truth(self, split: str, skip: Any) -> dict[str, Any]:
-        ds = self.dataset(split, skip)
-        ids = [Path(p).stem for p in getattr(ds, "ids", [])] or [str(ds[i]["id"]) for i in range(len(ds))]
-        return {"ids": ids, "classes": self.classes}
+        return {"ids": list(self.dataset(split, skip).ids), "classes": self.classes}
 
     def score(self, predictions: Any, ground_truth: Mapping[str, Any], allow_missing: bool = False) -> dict[str, float]:
         from imglish.evaluation.dense import segmentation_metrics
@@ -284,7 +291,7 @@ class ADE20KTask(Task):
                 matrix[int(g), int(p)] += int(c)
         missing = known - seen
         if missing and not allow_missing:
-            raise ValueError(f"{self.name}: {len(missing)} images have no prediction, e.g. {sorted(missing)[0]!r}")
+            raise ValueError(f"{self.name}: {len(missing)} images have no prediction, e.g. {min(missing)!r}")
         if not seen:
             raise ValueError(f"{self.name}: nothing to score (no prediction)")
         return segmentation_metrics(matrix, class_names=ground_truth["classes"])

@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from imglish.training import parallel
+from imglish.training.streams import move_to_device, stack_samples
 
 __all__ = ["EvalResult", "evaluate", "load_predictions", "predict_split", "score", "write_json"]
 
@@ -82,18 +83,9 @@ def _collate(items: list[tuple[int, Any]]) -> dict[str, Any]:
     good = [(p, s) for p, s in items if not isinstance(s, SkippedRecord)]
     batch: dict[str, Any] = {"skipped": [s for _, s in items if isinstance(s, SkippedRecord)]}
     batch["index"] = torch.tensor([p for p, _ in good], dtype=torch.long)
-    if good:
-        for key in good[0][1]:
-            values = [s[key] for _, s in good]
-            same = all(isinstance(v, torch.Tensor) for v in values) and len({tuple(v.shape) for v in values}) == 1
-            batch[key] = torch.stack(values) if same else values  # images of several sizes stay a list
+    if good:  # (images of several sizes stay a list)
+        batch.update(stack_samples([s for _, s in good]))
     return batch
-
-
-def _move(value: Any, device: torch.device) -> Any:
-    from imglish.training.trainer import _move as move
-
-    return move(value, device)
 
 
 def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
@@ -155,7 +147,7 @@ def predict_split(
                 skipped.extend(batch.pop("skipped"))
                 if len(batch["index"]) == 0:
                     continue
-                batch = {k: _move(v, device) for k, v in batch.items()}
+                batch = {k: move_to_device(v, device) for k, v in batch.items()}
                 with _autocast(precision, device):
                     recs = task.predict(model, name, batch)
                 local.extend(recs)

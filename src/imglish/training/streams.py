@@ -35,6 +35,7 @@ __all__ = [
     "make_step_loader",
     "pop_skipped",
     "sample_seed",
+    "move_to_device",
     "split_heldout",
     "stack_samples",
 ]
@@ -53,6 +54,17 @@ def stack_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
         else:
             out[key] = values
     return out
+
+
+def move_to_device(value: Any, device: torch.device) -> Any:
+    """``value`` with every tensor in it moved to ``device`` (tensors, and lists and dicts of them, recursively)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, list):
+        return [move_to_device(v, device) for v in value]
+    if isinstance(value, dict):
+        return {k: move_to_device(v, device) for k, v in value.items()}
+    return value
 
 
 def sample_seed(seed: int, stream: str, slot: int, salt: int = 0) -> int:

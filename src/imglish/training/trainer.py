@@ -47,7 +47,7 @@ from imglish.training import parallel
 from imglish.training.checkpoint import CheckpointManager, get_rng_state, set_rng_state
 from imglish.training.config import TrainConfig, config_to_dict
 from imglish.training.optim import build_optimizer, build_scheduler
-from imglish.training.streams import StepBatches, make_step_loader, pop_skipped
+from imglish.training.streams import StepBatches, make_step_loader, move_to_device, pop_skipped
 
 __all__ = ["NonFiniteLossError", "TrainResult", "Trainer", "to_device"]
 
@@ -82,17 +82,7 @@ def to_device(
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Move every tensor of a ``{stream: {key: value}}`` batch to ``device``; values may also be lists or dicts of
     tensors (the per-image targets of detection)."""
-    return {s: {k: _move(v, device) for k, v in part.items()} for s, part in batch.items()}
-
-
-def _move(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device, non_blocking=True)
-    if isinstance(value, list):
-        return [_move(v, device) for v in value]
-    if isinstance(value, dict):
-        return {k: _move(v, device) for k, v in value.items()}
-    return value
+    return {s: {k: move_to_device(v, device) for k, v in part.items()} for s, part in batch.items()}
 
 
 class Trainer:
