@@ -134,3 +134,46 @@ def test_clip_teacher_from_a_local_folder(tmp_path):
     feats = teacher(torch.rand(2, 3, 32, 32))
     assert feats.shape == (2, 16, 24)
     assert teacher(torch.rand(1, 3, 64, 64)).shape == (1, 64, 24)  # resized onto the tokenizer grid
+
+
+def _save_tiny(tmp_path: Path, name: str, mean: float = 0.5) -> Path:
+    from imglish.model.loading import save_model
+    from imglish.registry import create_model
+    from imglish.tokenizers.processor import Processor
+    from imglish.tokenizers.transforms import TransformConfig
+
+    torch.manual_seed(0)
+    model = create_model(name, img_size=32, patch_size=8, **({"num_classes": 3} if "classification" in name else {}))
+    proc = Processor(None, TransformConfig.for_task("retrieval", 32, mean=(mean,) * 3, std=(0.25,) * 3))
+    return save_model(model, tmp_path / name / "model.safetensors", processor=proc)
+
+
+def test_beit3_teacher_reads_the_vision_tower_of_a_retrieval_model(tmp_path, images):
+    from imglish.registry import create_model
+
+    path = _save_tiny(tmp_path, "beit3_tiny_patch16_224_retrieval", mean=0.4)
+    teacher = build_teacher(f"beit3:{path}", patch_size=8)
+    model = create_model(None, path).eval()
+    assert teacher.name == "beit3" and teacher.out_dim == model.config.embed_dim
+    x = torch.rand(2, 3, 32, 32)
+    feats = teacher(x)
+    assert feats.shape == (2, 16, model.config.embed_dim)
+    with torch.no_grad():  # the Processor's mean/std, the last layer's patch tokens, the vision head
+        want = model.vision_head(model.beit3((x - 0.4) / 0.25).last_hidden_state[:, 1:])
+    torch.testing.assert_close(feats, want)
+    assert teacher(torch.rand(1, 3, 64, 64)).shape == (1, 64, model.config.embed_dim)  # onto the tokenizer grid
+    assert not any(p.requires_grad for p in teacher.parameters())
+    # a VQ-KD trains against it; its decoder follows the teacher's width
+    out = tmp_path / "vqkd"
+    train_visual_tokenizer(_cfg(images, out, teacher=f"beit3:{path}", steps=6, save_every=3))
+    tok, _ = load_vqkd(out / "vqkd.safetensors")
+    assert tok.config.decoder_out_dim == model.config.embed_dim
+    assert json.loads((out / "metrics.json").read_text())["teacher"] == f"beit3:{path}"
+
+
+def test_beit3_teacher_bad_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="beit3 teacher .* does not exist"):
+        build_teacher(f"beit3:{tmp_path / 'none.safetensors'}", 8)
+    other = _save_tiny(tmp_path, "beit3_tiny_patch16_224_imageclassification")
+    with pytest.raises(ValueError, match="must be an imglish model of the retrieval task.*'imageclassification'"):
+        build_teacher(f"beit3:{other}", 8)

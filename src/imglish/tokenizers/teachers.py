@@ -15,6 +15,14 @@ From a local weights folder (needs ``transformers``; nothing is downloaded):
 * ``dino:DIR``: a Hugging Face ``ViTModel`` folder (e.g. a saved ``facebook/dino-vitb16``); last-layer patch
   tokens after the final LayerNorm (768-d); inputs get the ImageNet mean/std.
 
+From an imglish file (no extra package):
+
+* ``beit3:FILE``: the vision tower of an imglish ``model.safetensors`` of the retrieval task (a dual encoder
+  trained contrastively on image-text pairs: CLIP's objective, in BEiT-3's own architecture); targets are the
+  last-layer patch tokens through the model's ``vision_head``, the way BEiT v2 reads CLIP's patch tokens through
+  its projection. Inputs get the mean/std of the Processor saved beside the file. This is how the quickstart
+  gets a semantic teacher on the synthetic world, where no CLIP is at hand.
+
 Every teacher maps images (B, 3, H, W) in [0, 1] to features (B, N, out_dim) on the tokenizer's grid of
 N = (H / patch) * (W / patch) patches (teacher grids of another size are resized bilinearly).
 """
@@ -29,9 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Teacher", "PixelTeacher", "HOGTeacher", "ConcatTeacher", "HFTeacher", "build_teacher", "TEACHERS"]
+__all__ = ["Teacher", "PixelTeacher", "HOGTeacher", "ConcatTeacher", "HFTeacher", "BEiT3Teacher", "build_teacher", "TEACHERS"]
 
-TEACHERS = ("pixels", "hog", "pixels+hog", "clip:DIR", "dino:DIR")
+TEACHERS = ("pixels", "hog", "pixels+hog", "clip:DIR", "dino:DIR", "beit3:FILE")
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -185,6 +193,58 @@ class HFTeacher(Teacher):
         return feats
 
 
+class BEiT3Teacher(Teacher):
+    """The vision tower of an imglish retrieval model (see the module docstring).
+
+    Args:
+        path: an imglish ``model.safetensors`` of the retrieval task, its Processor beside it.
+        patch_size: the tokenizer's patch size (features are put on the tokenizer's grid).
+    """
+
+    name = "beit3"
+
+    def __init__(self, path: str | os.PathLike, patch_size: int) -> None:
+        super().__init__(patch_size)
+        from imglish.model.loading import read_checkpoint_metadata
+        from imglish.registry import create_model
+        from imglish.tokenizers.processor import Processor
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"beit3 teacher {str(path)!r} does not exist (expected an imglish model.safetensors)")
+        meta = read_checkpoint_metadata(path)
+        if meta.get("format") != "imglish/1" or meta.get("task") != "retrieval":
+            raise ValueError(
+                f"beit3 teacher {str(path)!r} must be an imglish model of the retrieval task (a dual encoder), "
+                f"got task {meta.get('task')!r}"
+            )
+        self.model = create_model(None, path)
+        self.model.requires_grad_(False).eval()
+        self.out_dim = self.model.config.embed_dim
+        proc = Processor.find_for(path)
+        mean, std = (proc.transform_config.mean, proc.transform_config.std) if proc is not None else ((0.5,) * 3, (0.5,) * 3)
+        size = self.model.config.img_size
+        self.input_size = tuple(size) if isinstance(size, (tuple, list)) else (int(size), int(size))
+        self.register_buffer("mean", torch.tensor(mean)[None, :, None, None], persistent=False)
+        self.register_buffer("std", torch.tensor(std)[None, :, None, None], persistent=False)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        gh, gw = self._check(images)
+        x = images.float()
+        if tuple(x.shape[-2:]) != self.input_size:
+            x = F.interpolate(x, size=self.input_size, mode="bicubic", align_corners=False)
+        x = (x.clamp(0, 1) - self.mean) / self.std
+        hidden = self.model.beit3(x).last_hidden_state[:, 1:]
+        feats = self.model.vision_head(hidden)
+        side = int(math.isqrt(feats.shape[1]))
+        if (side, side) != (gh, gw):
+            grid = feats.transpose(1, 2).reshape(feats.shape[0], -1, side, side)
+            grid = F.interpolate(grid, size=(gh, gw), mode="bilinear", align_corners=False)
+            feats = grid.flatten(2).transpose(1, 2)
+        return feats
+
+
 def build_teacher(spec: str, patch_size: int) -> Teacher:
     """Build a teacher from its name: ``pixels``, ``hog``, ``pixels+hog``, ``clip:DIR`` or ``dino:DIR``.
 
@@ -192,6 +252,8 @@ def build_teacher(spec: str, patch_size: int) -> Teacher:
         spec: the teacher name (see :data:`TEACHERS`).
         patch_size: the tokenizer's patch size.
     """
+    if spec.startswith("beit3:"):
+        return BEiT3Teacher(spec.partition(":")[2], patch_size)
     if spec.startswith(("clip:", "dino:")):
         kind, _, path = spec.partition(":")
         return HFTeacher(kind, path, patch_size)

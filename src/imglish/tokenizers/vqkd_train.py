@@ -49,7 +49,7 @@ class VisualTokenizerTrainConfig:
         out: output folder (checkpoint, final tokenizer, metrics).
         model: a VQ-KD preset name (see ``list_vqkd_models()``).
         model_overrides: VQKDConfig fields to change (``img_size``, ``n_code``, ...).
-        teacher: ``pixels``, ``hog``, ``pixels+hog``, ``clip:DIR`` or ``dino:DIR``.
+        teacher: ``pixels``, ``hog``, ``pixels+hog``, ``clip:DIR``, ``dino:DIR`` or ``beit3:FILE``.
         steps: optimizer steps in total.
         batch_size: images per step.
         lr: peak learning rate.

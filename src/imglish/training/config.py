@@ -96,6 +96,9 @@ class DataConfig:
         visual_tokenizer: VQ-KD checkpoint; ``None`` trains one into ``OUT/tokenizers/`` (or reuses it).
         visual_tokenizer_codes: codebook size used when the visual tokenizer is trained here.
         visual_tokenizer_steps: training steps used when the visual tokenizer is trained here.
+        visual_tokenizer_teacher: what the VQ-KD decoder reconstructs when the visual tokenizer is trained here
+            (``imglish.tokenizers.teachers``): ``pixels+hog`` (default, no weights), ``clip:DIR``, ``dino:DIR``
+            or ``beit3:FILE`` (an imglish retrieval model; the quickstart's semantic teacher).
         visual_targets: ``online`` runs the visual tokenizer on each batch (on the tokenizer's view of the same
             crop the model sees); ``precomputed`` looks the image stream's codes up in a token file instead, which
             needs ``augment = false`` (the file holds the codes of the un-augmented, resized image).
@@ -125,6 +128,7 @@ class DataConfig:
     visual_tokenizer: str | None = None
     visual_tokenizer_codes: int = 64
     visual_tokenizer_steps: int = 300
+    visual_tokenizer_teacher: str = "pixels+hog"
     visual_targets: str = "online"
     visual_tokens: str | None = None
     format: str = "files"

@@ -167,6 +167,7 @@ def _train_visual(cfg: TrainConfig, image_dir: Path, folder: Path) -> None:
                 "n_code": cfg.data.visual_tokenizer_codes,
             },
             steps=cfg.data.visual_tokenizer_steps,
+            teacher=cfg.data.visual_tokenizer_teacher,
             seed=cfg.seed,
             progress=cfg.logging.progress,
         )
