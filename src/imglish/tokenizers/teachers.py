@@ -19,9 +19,9 @@ From an imglish file (no extra package):
 
 * ``beit3:FILE``: the vision tower of an imglish ``model.safetensors`` of the retrieval task (a dual encoder
   trained contrastively on image-text pairs: CLIP's objective, in BEiT-3's own architecture); targets are the
-  last-layer patch tokens through the model's ``vision_head``, the way BEiT v2 reads CLIP's patch tokens through
-  its projection. Inputs get the mean/std of the Processor saved beside the file. This is how the quickstart
-  gets a semantic teacher on the synthetic world, where no CLIP is at hand.
+  last-layer patch tokens through the model's ``vision_head``, the way BEiT v2 reads CLIP's patch tokens
+  through its projection. Inputs get the mean/std of the Processor saved beside the file. A semantic teacher
+  where no CLIP is at hand, such as on the synthetic world.
 
 Every teacher maps images (B, 3, H, W) in [0, 1] to features (B, N, out_dim) on the tokenizer's grid of
 N = (H / patch) * (W / patch) patches (teacher grids of another size are resized bilinearly).
@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Teacher", "PixelTeacher", "HOGTeacher", "ConcatTeacher", "HFTeacher", "BEiT3Teacher", "build_teacher", "TEACHERS"]
+__all__ = ["Teacher", "PixelTeacher", "HOGTeacher", "ConcatTeacher", "HFTeacher", "BEiT3Teacher",
+           "build_teacher", "TEACHERS"]
 
 TEACHERS = ("pixels", "hog", "pixels+hog", "clip:DIR", "dino:DIR", "beit3:FILE")
 
@@ -211,18 +212,22 @@ class BEiT3Teacher(Teacher):
 
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"beit3 teacher {str(path)!r} does not exist (expected an imglish model.safetensors)")
+            raise FileNotFoundError(
+                f"beit3 teacher {str(path)!r} does not exist (expected an imglish model.safetensors)"
+            )
         meta = read_checkpoint_metadata(path)
         if meta.get("format") != "imglish/1" or meta.get("task") != "retrieval":
             raise ValueError(
-                f"beit3 teacher {str(path)!r} must be an imglish model of the retrieval task (a dual encoder), "
-                f"got task {meta.get('task')!r}"
+                f"beit3 teacher {str(path)!r} must be an imglish model of the retrieval task (a dual "
+                f"encoder), got task {meta.get('task')!r}"
             )
         self.model = create_model(None, path)
         self.model.requires_grad_(False).eval()
         self.out_dim = self.model.config.embed_dim
         proc = Processor.find_for(path)
-        mean, std = (proc.transform_config.mean, proc.transform_config.std) if proc is not None else ((0.5,) * 3, (0.5,) * 3)
+        mean, std = ((0.5,) * 3, (0.5,) * 3)
+        if proc is not None:
+            mean, std = proc.transform_config.mean, proc.transform_config.std
         size = self.model.config.img_size
         self.input_size = tuple(size) if isinstance(size, (tuple, list)) else (int(size), int(size))
         self.register_buffer("mean", torch.tensor(mean)[None, :, None, None], persistent=False)
