@@ -1,4 +1,4 @@
-"""tools/transfer_diagnostics.py: the probe separates what is separable, k-means finds clusters, the commands run."""
+"""tools/transfer_diagnostics.py: the probe reads what is separable, k-means finds clusters, the commands run."""
 
 from __future__ import annotations
 
@@ -53,8 +53,8 @@ def test_commands_run_on_a_tiny_world(world, tmp_path, capsys):
              "--steps", "2", "--batch", "8", "--codes", "4"])
     out = capsys.readouterr().out
     assert "probe on the mean patch feature" in out and "k-means codes (k=4)" in out
-    td.main(["kmeans-tokens", "--data", str(world), "--clip", str(tmp_path / "clip"), "--out", str(tmp_path / "qs"),
-             "--codes", "4"])
+    td.main(["kmeans-tokens", "--data", str(world), "--clip", str(tmp_path / "clip"),
+             "--out", str(tmp_path / "qs"), "--codes", "4"])
     from imglish.tokenizers.vqkd_train import load_visual_tokens
 
     tokens = load_visual_tokens(tmp_path / "qs" / "kmeans_tokens.safetensors")

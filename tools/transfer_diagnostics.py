@@ -1,10 +1,10 @@
-"""Why does (or doesn't) pretraining transfer on the synthetic world? The measurements behind docs/quickstart.md.
+"""Why pretraining does or does not transfer on the synthetic world: the measurements of docs/quickstart.md.
 
 Every subcommand reads a world written by ``imglish data shapes`` (or a quickstart's ``OUT/data``) and its
 ``imagenet`` split (the class of a scene is the colour and kind of its largest shape, 30 classes):
 
-* ``probe``: a linear probe (multinomial logistic regression, L2, full-batch L-BFGS) on the frozen features of an
-  imglish model (or of a random start): per layer, the CLS token and the mean of the patch tokens;
+* ``probe``: a linear probe (multinomial logistic regression, L2, full-batch L-BFGS) on the frozen features of
+  an imglish model (or of a random start): per layer, the CLS token and the mean of the patch tokens;
 * ``probe-codes``: the same probe on a visual tokenizer's code map (a bag of codes per image): how much of the
   class the masked-image-modeling targets carry;
 * ``cnn``: a small convolutional network trained with labels, the reference for how learnable the world is;
@@ -54,7 +54,8 @@ def load_split(data: Path, split: str, n: int, seed: int = 0) -> tuple[torch.Ten
 
 def linear_probe(train: torch.Tensor, y_train: torch.Tensor, val: torch.Tensor, y_val: torch.Tensor,
                  l2: float = 1e-2) -> float:
-    """Accuracy (%) on ``val`` of a multinomial logistic regression fitted on standardised ``train`` features."""
+    """Accuracy (%) on ``val`` of a multinomial logistic regression fitted on standardised ``train``
+    features."""
     mu, sd = train.mean(0), train.std(0) + 1e-6
     a, b = (train - mu) / sd, (val - mu) / sd
     k = int(y_train.max()) + 1
@@ -208,7 +209,8 @@ def cmd_cnn_clip(args) -> None:
         for r, c in enumerate(rows):
             ids[r, : len(c)] = torch.tensor(c[:32])
         pad = torch.arange(32)[None] >= torch.tensor([min(len(c), 32) for c in rows])[:, None]
-        logits = model.encode_image(x[idx]) @ model.encode_text(ids, pad).T * model.log_scale.exp().clamp(max=100)
+        scale = model.log_scale.exp().clamp(max=100)
+        logits = model.encode_image(x[idx]) @ model.encode_text(ids, pad).T * scale
         target = torch.arange(len(idx))
         loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
         opt.zero_grad()
@@ -270,7 +272,8 @@ def _probe_conv_clip(model: ConvCLIP, data: Path, codes: list[int]) -> None:
 
 
 def cmd_kmeans_tokens(args) -> None:
-    """k-means codes of the conv CLIP's patch features for every image of the image stream, as a token file."""
+    """k-means codes of the conv CLIP's patch features of every image of the image stream, as a token
+    file."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -321,9 +324,9 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--labels", type=int, default=1600)
     s.add_argument("--steps", type=int, default=600)
     s.add_argument("--seed", type=int, default=0)
-    s = sub.add_parser("cnn-clip", help="train a conv CLIP on the world's pairs; probe it and its k-means codes")
+    s = sub.add_parser("cnn-clip", help="train a conv CLIP on the world's pairs; probe it and its codes")
     s.add_argument("--data", type=Path, required=True)
-    s.add_argument("--text-tokenizer", required=True, help="a SentencePiece model, e.g. OUT/tokenizers/text.model")
+    s.add_argument("--text-tokenizer", required=True, help="a SentencePiece model file")
     s.add_argument("--out", type=Path, required=True)
     s.add_argument("--steps", type=int, default=300)
     s.add_argument("--batch", type=int, default=128)
