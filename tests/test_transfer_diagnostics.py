@@ -1,4 +1,4 @@
-"""tools/transfer_diagnostics.py: the probe reads what is separable, k-means finds clusters, the commands run."""
+"""tools/transfer_diagnostics.py: the probe reads a linear class, k-means finds clusters, the commands run."""
 
 from __future__ import annotations
 
