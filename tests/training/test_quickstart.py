@@ -79,6 +79,10 @@ def test_quickstart_writes_every_task_on_both_sides(run):
     for task in QUICKSTART_TASKS:
         assert f"| {task} |" in report
     assert "## Pretraining" in report and "## Wall time" in report
+    ahead = [t for t, r in res["tasks"].items() if r["pretrained"] > r["scratch"]]
+    behind = [t for t in res["tasks"] if t not in ahead]
+    assert (f"ahead on {', '.join(ahead) or 'no task'}, not on {', '.join(behind)}" if behind
+            else "ahead on every task") in report
     for png in ("finetune.png", "loss_curves.png"):
         assert (run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -190,3 +194,20 @@ def test_pair_stream_is_also_scored_with_other_images(run):
     m = json.loads((run / "results.json").read_text())["pretraining"]["heldout"]["pair.mlm"]
     assert 0.0 <= m["other_image_accuracy"] <= 1.0
     assert "accuracy with another image" in (run / "report.md").read_text()
+
+
+def test_report_says_where_the_pretrained_side_is_ahead(tmp_path):
+    from imglish.training.quickstart import write_report
+
+    def row(pre, scr):
+        return {"metric": "acc1", "pretrained": pre, "scratch": scr, "train_examples": 10,
+                "steps": {"pretrained": 5, "scratch": 5}, "stopped_early": False, "split": "test"}
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    mixed = {"imagenet": row(30.0, 20.0), "vqav2": row(40.0, 45.0), "nlvr2": row(50.0, 50.0)}
+    text = write_report(tmp_path / "a", None, None, 1.0, {}, results=mixed, init="m.safetensors").read_text()
+    assert "The pretrained side is ahead on imagenet, not on vqav2, nlvr2, in this one-seed run." in text
+    both = {"imagenet": row(30.0, 20.0), "vqav2": row(46.0, 45.0)}
+    text = write_report(tmp_path / "b", None, None, 1.0, {}, results=both, init="m.safetensors").read_text()
+    assert "The pretrained side is ahead on every task (imagenet, vqav2), in this one-seed run." in text

@@ -583,6 +583,19 @@ def write_report(
                          f"{step_txt} |")
         early = [t for t, r in results.items() if r["stopped_early"]]
         lines += ["", "Chart: `finetune.png`. The models: `finetune/TASK/pretrained/` and `finetune/TASK/scratch/`."]
+        better = [t for t, r in results.items()
+                  if r["pretrained"] is not None and r["scratch"] is not None and r["pretrained"] > r["scratch"]]
+        worse = [t for t in results if t not in better]
+        verdict = (f"ahead on every task ({', '.join(better)})" if not worse else
+                   f"ahead on {', '.join(better) or 'no task'}, not on {', '.join(worse)}")
+        lines += [
+            "",
+            (
+                f"The pretrained side is {verdict}, in this one-seed run. docs/quickstart.md has the seed-to-seed "
+                "spread and, under \"What transfers, what does not, and why\", the measurements of why the tasks "
+                "that read pooled features do not transfer yet."
+            ),
+        ]
         if early:
             lines += [
                 "",
