@@ -138,6 +138,16 @@ class ConcatTeacher(Teacher):
         return torch.cat([F.normalize(t(images), dim=-1) for t in self.teachers], dim=-1)
 
 
+def _on_grid(feats: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
+    """Patch features (B, side * side, D) of a square teacher grid, resized bilinearly onto a (gh, gw) grid."""
+    side = int(math.isqrt(feats.shape[1]))
+    if (side, side) == (gh, gw):
+        return feats
+    grid = feats.transpose(1, 2).reshape(feats.shape[0], -1, side, side)
+    grid = F.interpolate(grid, size=(gh, gw), mode="bilinear", align_corners=False)
+    return grid.flatten(2).transpose(1, 2)
+
+
 class HFTeacher(Teacher):
     """A CLIP or DINO ViT from a local Hugging Face folder (see the module docstring).
 
@@ -185,13 +195,7 @@ class HFTeacher(Teacher):
             feats = self.model.visual_projection(vm.post_layernorm(hidden))
         else:
             feats = self.model(pixel_values=x).last_hidden_state[:, 1:]
-        n = feats.shape[1]
-        side = int(math.isqrt(n))
-        if (side, side) != (gh, gw):
-            grid = feats.transpose(1, 2).reshape(feats.shape[0], -1, side, side)
-            grid = F.interpolate(grid, size=(gh, gw), mode="bilinear", align_corners=False)
-            feats = grid.flatten(2).transpose(1, 2)
-        return feats
+        return _on_grid(feats, gh, gw)
 
 
 class BEiT3Teacher(Teacher):
@@ -242,16 +246,12 @@ class BEiT3Teacher(Teacher):
         x = (x.clamp(0, 1) - self.mean) / self.std
         hidden = self.model.beit3(x).last_hidden_state[:, 1:]
         feats = self.model.vision_head(hidden)
-        side = int(math.isqrt(feats.shape[1]))
-        if (side, side) != (gh, gw):
-            grid = feats.transpose(1, 2).reshape(feats.shape[0], -1, side, side)
-            grid = F.interpolate(grid, size=(gh, gw), mode="bilinear", align_corners=False)
-            feats = grid.flatten(2).transpose(1, 2)
-        return feats
+        return _on_grid(feats, gh, gw)
 
 
 def build_teacher(spec: str, patch_size: int) -> Teacher:
-    """Build a teacher from its name: ``pixels``, ``hog``, ``pixels+hog``, ``clip:DIR`` or ``dino:DIR``.
+    """Build a teacher from its name: ``pixels``, ``hog``, ``pixels+hog``, ``clip:DIR``, ``dino:DIR`` or
+    ``beit3:FILE``.
 
     Args:
         spec: the teacher name (see :data:`TEACHERS`).
