@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -148,7 +149,24 @@ def _on_grid(feats: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
     return grid.flatten(2).transpose(1, 2)
 
 
-class HFTeacher(Teacher):
+class _NetworkTeacher(Teacher):
+    """A teacher that runs a network: images resized to its input size and normalised with its mean/std."""
+
+    def _set_input(self, size: int | Sequence[int], mean: Sequence[float], std: Sequence[float]) -> None:
+        self.input_size = (int(size), int(size)) if isinstance(size, int) else tuple(int(v) for v in size)
+        self.register_buffer("mean", torch.tensor(mean)[None, :, None, None], persistent=False)
+        self.register_buffer("std", torch.tensor(std)[None, :, None, None], persistent=False)
+
+    def _prepare(self, images: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        """The network's input and the tokenizer's grid (gh, gw)."""
+        gh, gw = self._check(images)
+        x = images.float()
+        if tuple(x.shape[-2:]) != self.input_size:
+            x = F.interpolate(x, size=self.input_size, mode="bicubic", align_corners=False)
+        return (x.clamp(0, 1) - self.mean) / self.std, gh, gw
+
+
+class HFTeacher(_NetworkTeacher):
     """A CLIP or DINO ViT from a local Hugging Face folder (see the module docstring).
 
     Args:
@@ -178,17 +196,11 @@ class HFTeacher(Teacher):
         else:
             raise ValueError(f"unknown teacher kind {kind!r}; expected 'clip' or 'dino'")
         self.model.requires_grad_(False).eval()
-        self.input_size = int(self.model.config.image_size)
-        self.register_buffer("mean", torch.tensor(mean)[None, :, None, None], persistent=False)
-        self.register_buffer("std", torch.tensor(std)[None, :, None, None], persistent=False)
+        self._set_input(int(self.model.config.image_size), mean, std)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        gh, gw = self._check(images)
-        x = images.float()
-        if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
-            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bicubic", align_corners=False)
-        x = (x.clamp(0, 1) - self.mean) / self.std
+        x, gh, gw = self._prepare(images)
         if self.name == "clip":
             vm = self.model.vision_model
             hidden = vm(pixel_values=x).last_hidden_state[:, 1:]
@@ -198,7 +210,7 @@ class HFTeacher(Teacher):
         return _on_grid(feats, gh, gw)
 
 
-class BEiT3Teacher(Teacher):
+class BEiT3Teacher(_NetworkTeacher):
     """The vision tower of an imglish retrieval model (see the module docstring).
 
     Args:
@@ -232,18 +244,11 @@ class BEiT3Teacher(Teacher):
         mean, std = ((0.5,) * 3, (0.5,) * 3)
         if proc is not None:
             mean, std = proc.transform_config.mean, proc.transform_config.std
-        size = self.model.config.img_size
-        self.input_size = tuple(size) if isinstance(size, (tuple, list)) else (int(size), int(size))
-        self.register_buffer("mean", torch.tensor(mean)[None, :, None, None], persistent=False)
-        self.register_buffer("std", torch.tensor(std)[None, :, None, None], persistent=False)
+        self._set_input(self.model.config.img_size, mean, std)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        gh, gw = self._check(images)
-        x = images.float()
-        if tuple(x.shape[-2:]) != self.input_size:
-            x = F.interpolate(x, size=self.input_size, mode="bicubic", align_corners=False)
-        x = (x.clamp(0, 1) - self.mean) / self.std
+        x, gh, gw = self._prepare(images)
         hidden = self.model.beit3(x).last_hidden_state[:, 1:]
         feats = self.model.vision_head(hidden)
         return _on_grid(feats, gh, gw)
