@@ -179,7 +179,7 @@ class ConvCLIP(nn.Module):
         return F.normalize(self.text_proj((h * keep).sum(1) / keep.sum(1)), dim=-1)
 
 
-def _train_pairs(data: Path, tokenizer, max_len: int) -> tuple[torch.Tensor, list[list[list[int]]]]:
+def _train_pairs(data: Path) -> tuple[torch.Tensor, list[list[str]]]:
     meta = json.loads((data / "coco" / "dataset_coco.json").read_text())
     images, captions = [], []
     for rec in meta["images"]:
@@ -187,7 +187,7 @@ def _train_pairs(data: Path, tokenizer, max_len: int) -> tuple[torch.Tensor, lis
             continue
         path = data / "coco" / rec["filepath"] / rec["filename"]
         images.append(np.asarray(Image.open(path).convert("RGB").resize((IMG, IMG))))
-        captions.append([tokenizer.encode(s["raw"], max_length=max_len) for s in rec["sentences"]])
+        captions.append([s["raw"] for s in rec["sentences"]])
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255, captions
 
 
@@ -196,7 +196,7 @@ def cmd_cnn_clip(args) -> None:
 
     torch.manual_seed(args.seed)
     tok = TextTokenizer(args.text_tokenizer)
-    x, caps = _train_pairs(args.data, tok, 32)
+    x, caps = _train_pairs(args.data)
     model = ConvCLIP(len(tok))
     opt = torch.optim.AdamW(model.parameters(), 1e-3, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 1e-3, total_steps=args.steps, pct_start=0.1)
@@ -204,11 +204,9 @@ def cmd_cnn_clip(args) -> None:
     t0 = time.perf_counter()
     for step in range(args.steps):
         idx = rng.choice(len(x), args.batch, replace=False)
-        rows = [caps[i][rng.integers(len(caps[i]))] for i in idx]
-        ids = torch.full((len(rows), 32), tok.pad_token_id, dtype=torch.long)
-        for r, c in enumerate(rows):
-            ids[r, : len(c)] = torch.tensor(c[:32])
-        pad = torch.arange(32)[None] >= torch.tensor([min(len(c), 32) for c in rows])[:, None]
+        text = tok([caps[i][rng.integers(len(caps[i]))] for i in idx], max_length=32, padding="max_length",
+                   return_tensors="pt")
+        ids, pad = text["input_ids"], text["padding_mask"].bool()
         scale = model.log_scale.exp().clamp(max=100)
         logits = model.encode_image(x[idx]) @ model.encode_text(ids, pad).T * scale
         target = torch.arange(len(idx))
@@ -226,13 +224,15 @@ def cmd_cnn_clip(args) -> None:
 
 
 def _load_conv_clip(folder: Path) -> ConvCLIP:
+    if not (folder / "conv_clip.pt").is_file():
+        raise SystemExit(f"{folder / 'conv_clip.pt'} does not exist: --clip takes the folder of cnn-clip")
     blob = torch.load(folder / "conv_clip.pt", weights_only=True)
     model = ConvCLIP(int(blob["vocab"]))
     model.load_state_dict(blob["state"])
     return model.eval()
 
 
-def _standardised_patches(model: ConvCLIP, x: torch.Tensor) -> torch.Tensor:
+def _patch_features(model: ConvCLIP, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return torch.cat([model.patch_features(x[i:i + 200]) for i in range(0, len(x), 200)])
 
@@ -253,19 +253,30 @@ def _kmeans(z: torch.Tensor, k: int, iters: int = 30, seed: int = 0) -> torch.Te
     return cent
 
 
+class _Codebook:
+    """k-means codes of patch features, standardised with the statistics of the features it was fitted on."""
+
+    def __init__(self, patches: torch.Tensor, k: int) -> None:
+        flat = patches.reshape(-1, patches.shape[-1])
+        self.mu, self.sd = flat.mean(0), flat.std(0) + 1e-6
+        self.centroids = _kmeans((flat - self.mu) / self.sd, k)
+
+    def codes(self, patches: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) patch features -> (B, N) code ids."""
+        z = (patches.reshape(-1, patches.shape[-1]) - self.mu) / self.sd
+        return torch.cdist(z, self.centroids).argmin(1).reshape(patches.shape[:2])
+
+
 def _probe_conv_clip(model: ConvCLIP, data: Path, codes: list[int]) -> None:
     (xa, ya), (xb, yb) = load_split(data, "train", 1000), load_split(data, "val", 200)
-    pa, pb = _standardised_patches(model, xa), _standardised_patches(model, xb)
+    pa, pb = _patch_features(model, xa), _patch_features(model, xb)
     print(f"conv CLIP: linear probe on the mean patch feature, val accuracy "
           f"{linear_probe(pa.mean(1), ya, pb.mean(1), yb):.1f}")
-    flat = pa.reshape(-1, pa.shape[-1])
-    mu, sd = flat.mean(0), flat.std(0) + 1e-6
     for k in codes:
-        cent = _kmeans((flat - mu) / sd, k)
+        book = _Codebook(pa, k)
 
         def bag(p: torch.Tensor) -> torch.Tensor:
-            c = torch.cdist((p.reshape(-1, p.shape[-1]) - mu) / sd, cent).argmin(1).reshape(len(p), -1)
-            return F.one_hot(c, k).sum(1).float()
+            return F.one_hot(book.codes(p), k).sum(1).float()
 
         print(f"conv CLIP: linear probe on the bag of its k-means codes (k={k}), val accuracy "
               f"{linear_probe(bag(pa), ya, bag(pb), yb):.1f}")
@@ -284,7 +295,10 @@ def cmd_kmeans_tokens(args) -> None:
         train_visual_tokenizer,
     )
 
+    clip = _load_conv_clip(args.clip)  # a missing one is named before anything is written
     root = args.data / "imagenet" / "train"
+    if not root.is_dir():
+        raise SystemExit(f"{root} does not exist: give --data a world written by `imglish data shapes`")
     placeholder = args.out / "tokenizers" / "vqkd"
     if not (placeholder / "vqkd.safetensors").exists():  # only its codebook size is used
         train_visual_tokenizer(VisualTokenizerTrainConfig(
@@ -297,10 +311,8 @@ def cmd_kmeans_tokens(args) -> None:
     paths = json.loads(meta["paths"])
     x = torch.from_numpy(np.stack([np.asarray(Image.open(root / p).convert("RGB").resize((IMG, IMG)))
                                    for p in paths])).permute(0, 3, 1, 2).float() / 255
-    p = _standardised_patches(_load_conv_clip(args.clip), x)
-    flat = p.reshape(-1, p.shape[-1])
-    z = (flat - flat.mean(0)) / (flat.std(0) + 1e-6)
-    codes = torch.cdist(z, _kmeans(z, args.codes)).argmin(1).reshape(len(p), -1)
+    p = _patch_features(clip, x)
+    codes = _Codebook(p, args.codes).codes(p)
     save_file({"tokens": codes.long()}, str(tokens), metadata=meta)
     print(f"wrote {tokens}: {len(paths)} images, {int(codes.unique().numel())} of {args.codes} codes used")
     print("pretrain on them: quickstart(OUT, overrides={'data.visual_targets': 'precomputed', "

@@ -87,7 +87,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--images", required=True, help="folder searched recursively for images")
     p.add_argument("--out", required=True, help="output folder (checkpoint.pt, vqkd.safetensors, metrics.json)")
     p.add_argument("--model", default="vqkd_tiny_patch8_64", help="VQ-KD preset name")
-    p.add_argument("--teacher", default="pixels+hog", help="pixels, hog, pixels+hog, clip:DIR, dino:DIR or beit3:FILE")
+    p.add_argument("--teacher", default="pixels+hog",
+                   help="pixels, hog, pixels+hog, clip:DIR, dino:DIR or beit3:FILE")
     p.add_argument("--img-size", type=int, default=None)
     p.add_argument("--n-code", type=int, default=None)
     p.add_argument("--code-dim", type=int, default=None)

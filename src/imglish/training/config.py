@@ -98,7 +98,7 @@ class DataConfig:
         visual_tokenizer_steps: training steps used when the visual tokenizer is trained here.
         visual_tokenizer_teacher: what the VQ-KD decoder reconstructs when the visual tokenizer is trained here
             (``imglish.tokenizers.teachers``): ``pixels+hog`` (default, no weights), ``clip:DIR``, ``dino:DIR``
-            or ``beit3:FILE`` (an imglish retrieval model; the quickstart's semantic teacher).
+            or ``beit3:FILE`` (an imglish retrieval model).
         visual_targets: ``online`` runs the visual tokenizer on each batch (on the tokenizer's view of the same
             crop the model sees); ``precomputed`` looks the image stream's codes up in a token file instead, which
             needs ``augment = false`` (the file holds the codes of the un-augmented, resized image).

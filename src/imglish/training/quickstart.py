@@ -573,9 +573,12 @@ def write_report(
             "| task | metric | pretrained | from scratch | difference | labelled examples | steps |",
             "|---|---|---|---|---|---|---|",
         ]
+        better: list[str] = []  # tasks where the pretrained side is ahead
         for t, r in results.items():
             pre, scr = r["pretrained"], r["scratch"]
             diff = (pre - scr) if pre is not None and scr is not None else float("nan")
+            if diff > 0:
+                better.append(t)
             steps = r["steps"]
             step_txt = str(steps["pretrained"]) if steps["pretrained"] == steps["scratch"] else (
                 f"{steps['pretrained']} / {steps['scratch']}")
@@ -583,8 +586,6 @@ def write_report(
                          f"{step_txt} |")
         early = [t for t, r in results.items() if r["stopped_early"]]
         lines += ["", "Chart: `finetune.png`. The models: `finetune/TASK/pretrained/` and `finetune/TASK/scratch/`."]
-        better = [t for t, r in results.items()
-                  if r["pretrained"] is not None and r["scratch"] is not None and r["pretrained"] > r["scratch"]]
         worse = [t for t in results if t not in better]
         verdict = (f"ahead on every task ({', '.join(better)})" if not worse else
                    f"ahead on {', '.join(better) or 'no task'}, not on {', '.join(worse)}")
