@@ -257,25 +257,29 @@ def build_pair(settings: Settings, workload: Workload) -> dict[str, Side]:
 
 
 # ---------------------------------------------------------------------------------------------------- steps
-def autocast(dtype: str):
+def autocast(dtype: str, device: str = "cpu"):
+    """Autocast to `dtype` on the device type of `device` ("cpu", "cuda", "cuda:1", ...); off for fp32."""
+    device_type = torch.device(device).type
     if DTYPES[dtype] is None:
-        return torch.autocast("cpu", enabled=False)
-    return torch.autocast("cpu", dtype=DTYPES[dtype])
+        return torch.autocast(device_type, enabled=False)
+    return torch.autocast(device_type, dtype=DTYPES[dtype])
 
 
 def make_step(
-    side: Side, mode: str, dtype: str, batch: dict[str, Tensor], fused: bool, adamw: str = "after"
+    side: Side, mode: str, dtype: str, batch: dict[str, Tensor], fused: bool, adamw: str = "after",
+    device: str = "cpu",
 ) -> Callable[[], None]:
     """A closure running one inference pass or one training step of `side`.
 
     `adamw="in_backward"` (imglish only) updates each parameter inside backward as soon as its gradient is complete
     and frees the gradient (`imglish.training.optim.OptimizerInBackward`); the step is otherwise the same.
+    `device` is where `side` and `batch` live (it picks the autocast device type); nothing is moved.
     """
     if mode == "forward":
         side.eval()
 
         def step() -> None:
-            with torch.no_grad(), autocast(dtype):
+            with torch.no_grad(), autocast(dtype, device):
                 side.infer(batch)
 
         return step
@@ -290,7 +294,7 @@ def make_step(
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        with autocast(dtype):
+        with autocast(dtype, device):
             loss = side.loss(batch)
         loss.backward()
         opt.step()
