@@ -8,6 +8,7 @@ from collections import Counter
 import pytest
 import torch
 
+import imglish
 from imglish.training.config import build_config
 from imglish.training.evaluate import score
 from imglish.training.finetune import finetune
@@ -73,3 +74,41 @@ def test_predict_classify_on_the_finetuned_model_agrees_with_evaluation(imagenet
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     for row, (rel, pred) in zip(rows, preds.items()):
         assert [r["label"] for r in row["result"]] == [classes[k] for k in pred["top5"]], rel
+
+
+def test_a_vision_only_finetune_matches_the_full_model(task_world, tmp_path):
+    """model.modalities=vision from a full checkpoint: the same training and predictions with a smaller model."""
+    from safetensors import safe_open
+
+    quick = {"model.img_size": 32, "task.batch_size": 8, "task.max_eval_examples": 16, "schedule.max_steps": 4,
+             "schedule.warmup_steps": 1, "checkpoint.save_every": 0, "model.drop_path_rate": 0.0}
+    start = tmp_path / "start"
+    finetune(build_config("tiny", None, tiny_overrides(task_world, start, **quick), task="imagenet"))
+    runs = {}
+    for modalities in ("all", "vision"):
+        out = tmp_path / modalities
+        cfg = build_config("tiny", None, tiny_overrides(task_world, out, **quick, **{
+            "model.init_from": str(start / "model.safetensors"), "model.modalities": modalities}), task="imagenet")
+        runs[modalities] = finetune(cfg), out
+    (full, full_out), (vision, vision_out) = runs["all"], runs["vision"]
+    assert vision.metrics == full.metrics
+    assert json.loads((vision_out / "predictions.json").read_text()) == json.loads(
+        (full_out / "predictions.json").read_text())
+    with safe_open(str(vision_out / "model.safetensors"), "pt") as fh:
+        keys = list(fh.keys())
+    assert keys and not any("text_embed" in k or ".B." in k for k in keys)
+    small, big = vision_out / "model.safetensors", full_out / "model.safetensors"
+    assert small.stat().st_size < 0.7 * big.stat().st_size
+    assert imglish.create_model(None, pretrained=small).config.modalities == ("vision",)
+
+
+def test_vision_only_is_refused_where_it_cannot_apply(task_world, task_tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="model.modalities must be 'all' or 'vision'"):
+        build_config("tiny", None, tiny_overrides(task_world, tmp_path, **{"model.modalities": "text"}),
+                     task="imagenet")
+    with pytest.raises(ValueError, match="pretraining trains both modalities"):
+        build_config("tiny", None, {"out": str(tmp_path), "model.modalities": "vision"})
+    cfg = build_config("tiny", None, tiny_overrides(task_world, tmp_path, task_tokenizer, **{
+        "model.modalities": "vision", "model.img_size": 32}), task="vqav2")
+    with pytest.raises(ValueError, match="drops the text weights, but task 'vqav2' reads text"):
+        finetune(cfg)

@@ -44,6 +44,13 @@ __all__ = ["BEiT3", "BEiT3Output", "MultiwayBlock"]
 VISION, TEXT, VL, SHARED = "A", "B", "C", "shared"
 
 
+def expert_keys(config: BEiT3Config, shared: bool = False) -> tuple[str, ...]:
+    """The experts a multiway module holds: one per modality of `config.modalities`, or the shared one."""
+    if shared:
+        return (SHARED,)
+    return tuple(k for k, held in ((VISION, config.has_vision), (TEXT, config.has_text)) if held)
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
     """Scaled dot-product attention, (B, H, T, hd) each; `mask` as `scaled_dot_product_attention` takes it.
 
@@ -74,7 +81,7 @@ class MultiwayAttention(nn.Module):
     def __init__(self, config: BEiT3Config) -> None:
         super().__init__()
         dim, eps = config.embed_dim, config.layernorm_eps
-        keys = (SHARED,) if config.shared_attention else (VISION, TEXT)
+        keys = expert_keys(config, config.shared_attention)
         self.num_heads = config.num_heads
         self.head_dim = config.head_dim
         self.qkv = nn.ModuleDict({k: nn.Linear(dim, 3 * dim) for k in keys})  # rows: q, k, v
@@ -164,8 +171,9 @@ class MultiwayBlock(nn.Module):
     def __init__(self, config: BEiT3Config, drop_path: float, vl_expert: bool) -> None:
         super().__init__()
         dim, eps = config.embed_dim, config.layernorm_eps
-        attn_keys = (SHARED,) if config.shared_attention else (VISION, TEXT)
-        ffn_keys = (VISION, TEXT, VL) if vl_expert else (VISION, TEXT)
+        attn_keys = expert_keys(config, config.shared_attention)
+        # the vision-language expert takes fused image-text inputs, which a one-modality model never sees
+        ffn_keys = expert_keys(config) + ((VL,) if vl_expert and len(config.modalities) == 2 else ())
         self.drop_path = drop_path
         self.norm1 = nn.ModuleDict({k: nn.LayerNorm(dim, eps=eps) for k in attn_keys})
         self.attn = MultiwayAttention(config)
@@ -299,11 +307,16 @@ class BEiT3(nn.Module):
         super().__init__()
         self.config = config
         dim = config.embed_dim
-        self.text_embed = nn.Embedding(config.vocab_size, dim)
-        self.vision_embed = VisionEmbedding(config)
+        # A one-modality model (config.modalities) holds neither the other modality's embeddings nor its experts.
+        if config.has_text:
+            self.text_embed = nn.Embedding(config.vocab_size, dim)
+        if config.has_vision:
+            self.vision_embed = VisionEmbedding(config)
         # fairseq layout: rows 0 and 1 unused, CLS at row 2, patch k at row 3 + k; text token j at row 2 + j.
-        self.vision_pos_embed = nn.Parameter(torch.empty(config.num_patches + 3, dim))
-        self.text_pos_embed = nn.Parameter(torch.empty(config.max_source_positions, dim))
+        if config.has_vision:
+            self.vision_pos_embed = nn.Parameter(torch.empty(config.num_patches + 3, dim))
+        if config.has_text:
+            self.text_pos_embed = nn.Parameter(torch.empty(config.max_source_positions, dim))
         depth, rate = config.depth, config.drop_path_rate
         rates = [rate * i / (depth - 1) if depth > 1 else 0.0 for i in range(depth)]  # linspace(0, rate, L)
         first_vl = config.depth - config.vl_ffn_layers
@@ -311,7 +324,7 @@ class BEiT3(nn.Module):
             MultiwayBlock(config, drop_path=rates[i], vl_expert=i >= first_vl) for i in range(config.depth)
         )
         self.norm = (
-            nn.ModuleDict({k: nn.LayerNorm(dim, eps=config.layernorm_eps) for k in (VISION, TEXT)})
+            nn.ModuleDict({k: nn.LayerNorm(dim, eps=config.layernorm_eps) for k in expert_keys(config)})
             if config.normalize_output
             else None
         )
@@ -330,10 +343,12 @@ class BEiT3(nn.Module):
             elif isinstance(module, nn.LayerNorm):
                 module.weight.fill_(1.0)
                 module.bias.zero_()
-        self.vision_embed.reset_parameters()
-        nn.init.normal_(self.text_embed.weight, mean=0.0, std=self.config.embed_dim**-0.5)
-        nn.init.normal_(self.vision_pos_embed)
-        nn.init.normal_(self.text_pos_embed)
+        if self.config.has_vision:
+            self.vision_embed.reset_parameters()
+        if self.config.has_text:
+            nn.init.normal_(self.text_embed.weight, mean=0.0, std=self.config.embed_dim**-0.5)
+        for table in self._position_tables():
+            nn.init.normal_(table)
 
     @torch.no_grad()
     def init_for_scratch(self, linear_std: float | None = None, pos_std: float | None = None) -> None:
@@ -352,8 +367,25 @@ class BEiT3(nn.Module):
                 if isinstance(module, nn.Linear):
                     nn.init.trunc_normal_(module.weight, std=linear_std, a=-2 * linear_std, b=2 * linear_std)
         if pos_std is not None:
-            nn.init.normal_(self.vision_pos_embed, std=pos_std)
-            nn.init.normal_(self.text_pos_embed, std=pos_std)
+            for table in self._position_tables():
+                nn.init.normal_(table, std=pos_std)
+
+    def holds_key(self, key: str) -> bool:
+        """False for a key (relative to this module) of a full-modality state dict that belongs to a modality this
+        model does not hold (`BEiT3Config.modalities`): the other modality's embeddings, position table and
+        experts, and the vision-language expert. Loading skips such keys."""
+        if len(self.config.modalities) == 2:
+            return True
+        parts = key.split(".")
+        owner = {"text_embed": "text", "text_pos_embed": "text", "vision_embed": "vision",
+                 "vision_pos_embed": "vision"}.get(parts[0])
+        if owner is None:
+            experts = {TEXT: "text", VISION: "vision", VL: "both"}
+            owner = next((experts[p] for p in parts[1:-1] if p in experts), None)
+        return owner is None or owner in self.config.modalities
+
+    def _position_tables(self) -> list[nn.Parameter]:
+        return [getattr(self, n) for n in ("vision_pos_embed", "text_pos_embed") if hasattr(self, n)]
 
     def set_grad_checkpointing(self, enable: bool | str = True) -> None:
         """Recompute activations in backward: True/"full" (whole layers), "selective" or False/"none".
@@ -555,6 +587,12 @@ class BEiT3(nn.Module):
         cfg = self.config
         if image is None and text_ids is None:
             raise ValueError("BEiT3 needs an image, a text, or both; got neither")
+        for given, name, held in ((image, "an image", cfg.has_vision), (text_ids, "text_ids", cfg.has_text)):
+            if given is not None and not held:
+                raise ValueError(
+                    f"this model holds only the {cfg.modalities[0]} weights (BEiT3Config.modalities="
+                    f"{cfg.modalities!r}) and cannot encode {name}; build it with both modalities"
+                )
         batch = None
         if image is not None:
             if image.dim() != 4 or image.shape[1] != cfg.in_chans:

@@ -33,6 +33,19 @@ def _pair(value: int | tuple[int, int] | list[int], name: str) -> tuple[int, int
     raise ValueError(f"{name} must be an int or a pair of ints (height, width), got {value!r}")
 
 
+MODALITIES = ("vision", "text")
+
+
+def _modalities(value: Any) -> tuple[str, ...]:
+    """``value`` as a tuple in the canonical order; "vision", "text" or a list of them."""
+    items = (value,) if isinstance(value, str) else value
+    if not isinstance(items, (tuple, list)) or not items or any(m not in MODALITIES for m in items):
+        raise ValueError(
+            f"BEiT3Config.modalities must be a non-empty subset of {list(MODALITIES)}, got {value!r}"
+        )
+    return tuple(m for m in MODALITIES if m in items)
+
+
 @dataclass(frozen=True)
 class BEiT3Config:
     """Configuration of a BEiT-3 Multiway Transformer.
@@ -59,6 +72,13 @@ class BEiT3Config:
             an image-text input in fusion mode. 0 (the released layout) disables it.
         dynamic_img_size: accept images of any size that is a multiple of the patch size by resampling the vision
             position table on the fly; otherwise a different size is an error, as in the official code.
+        modalities: the modalities whose weights the model holds: ``("vision", "text")`` (the released models),
+            ``("vision",)`` or ``("text",)``. A vision-only model has no text embedding, text position table or
+            language experts (and no vision-language expert); a text-only model has no patch embedding, vision
+            position table or vision experts. Its outputs on its own modality are those of the full model with the
+            same weights, for about 40% (vision, base) or 60% (text) of the parameters, so less memory in
+            training and serving and smaller files (see docs/models.md). Loading a full checkpoint into it skips
+            the weights it does not hold.
         grad_checkpointing: activation recomputation in training. False/"none": off. True/"full": keep only each
             layer's input and recompute the whole layer in backward (least memory, about one extra forward).
             "selective": keep the outputs of matrix products and attention, recompute LayerNorms, GELU, residual
@@ -81,6 +101,7 @@ class BEiT3Config:
     vl_ffn_layers: int = 0
     dynamic_img_size: bool = False
     grad_checkpointing: bool | str = False
+    modalities: tuple[str, ...] = MODALITIES
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -112,6 +133,7 @@ class BEiT3Config:
         if self.layernorm_eps <= 0:
             raise ValueError(f"BEiT3Config.layernorm_eps must be positive, got {self.layernorm_eps}")
         checkpoint_mode(self.grad_checkpointing)  # validates
+        object.__setattr__(self, "modalities", _modalities(self.modalities))
 
     # ------------------------------------------------------------------ derived sizes
     @property
@@ -134,6 +156,14 @@ class BEiT3Config:
         return self.max_source_positions - 2
 
     @property
+    def has_vision(self) -> bool:
+        return "vision" in self.modalities
+
+    @property
+    def has_text(self) -> bool:
+        return "text" in self.modalities
+
+    @property
     def has_official_layout(self) -> bool:
         """True when the model can be written with the official key names (no paper-only options)."""
         return not self.shared_attention and self.vl_ffn_layers == 0
@@ -142,6 +172,7 @@ class BEiT3Config:
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
         out["img_size"] = list(self.img_size)
+        out["modalities"] = list(self.modalities)
         return out
 
     @classmethod

@@ -42,6 +42,7 @@ class LoadReport:
     mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
     dropped_heads: list[str] = field(default_factory=list)
     resized: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+    not_held: list[str] = field(default_factory=list)
     source_format: str = ""
 
     @property
@@ -52,6 +53,7 @@ class LoadReport:
         lines = [f"checkpoint format: {self.source_format or 'unknown'}"]
         for title, items in (
             ("resized", [f"{k}: {list(a)} -> {list(b)}" for k, a, b in self.resized]),
+            ("skipped (a modality this model does not hold, BEiT3Config.modalities)", self.not_held),
             ("dropped (head of another shape, re-initialised)", self.dropped_heads),
             ("missing from the checkpoint (left as initialised)", self.missing),
             ("unexpected (in the checkpoint, not in the model)", self.unexpected),
@@ -232,6 +234,15 @@ def load_checkpoint(
         if key in state and key in target and state[key].shape != target[key].shape:
             del state[key]
             report.dropped_heads.append(key)
+
+    # A one-modality model (BEiT3Config.modalities) skips the other modality's weights.
+    backbone = getattr(model, "beit3", model)
+    if hasattr(backbone, "holds_key"):
+        prefix = "beit3." if target_prefixed else ""
+        for key in [k for k in state if k not in target and k.startswith(prefix)]:
+            if not backbone.holds_key(key[len(prefix):]):
+                del state[key]
+                report.not_held.append(key)
 
     loadable: dict[str, Tensor] = {}
     for key, value in state.items():

@@ -170,19 +170,13 @@ class Task:
 
     def seeded_image(self, image: Any, seed: int | None, train: bool) -> torch.Tensor:
         """Apply :meth:`image_transform` with torch's and Python's RNGs seeded by ``seed`` (restored after)."""
-        import random
+        from imglish.training.streams import seeded_rng
 
         tf = self.image_transform(train)
         if seed is None or not train:
             return tf(image)
-        state = random.getstate()
-        try:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                random.seed(seed)
-                return tf(image)
-        finally:
-            random.setstate(state)
+        with seeded_rng(seed):
+            return tf(image)
 
     def text(self, record: Mapping[str, Any], key: str = "text") -> tuple[torch.Tensor, torch.Tensor]:
         """``(ids, padding_mask)`` of length ``data.max_text_len`` (spec §4.2) from ``text_ids`` (ids without

@@ -114,8 +114,9 @@ class ImageNetTask(Task):
 
             choices.append(v2.CutMix(alpha=t.cutmix, num_classes=n))
         if choices:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
+            from imglish.training.streams import seeded_rng
+
+            with seeded_rng(seed):
                 k = int(torch.randint(len(choices), ()).item())
                 images, target = choices[k](images, labels)
         else:

@@ -134,6 +134,11 @@ def build_task_model(cfg: TrainConfig, task: Any, vocab_size: int | None, init: 
     torch.manual_seed(cfg.seed)
     m = cfg.model
     kwargs = task.model_kwargs()
+    modal: dict[str, Any] = {}
+    if m.modalities == "vision":
+        if task.uses_text:
+            raise ValueError(f"model.modalities='vision' drops the text weights, but task {task.name!r} reads text")
+        modal = {"modalities": ("vision",)}
     meta: dict[str, Any] = {}
     if init:
         if not Path(init).is_file():
@@ -141,12 +146,14 @@ def build_task_model(cfg: TrainConfig, task: Any, vocab_size: int | None, init: 
         _, meta = read_checkpoint(init)
     if meta.get("format") == "imglish/1":
         config = BEiT3Config.from_dict(meta["config"]).replace(
-            img_size=m.img_size, drop_path_rate=m.drop_path_rate, **_task_config_overrides(task.model_task)
+            img_size=m.img_size, drop_path_rate=m.drop_path_rate, **_task_config_overrides(task.model_task), **modal
         )
         model = TASK_MODELS[task.model_task](config, **kwargs)
         model.model_name = m.name
     else:
-        over: dict[str, Any] = {"img_size": m.img_size, "patch_size": m.patch_size, "drop_path_rate": m.drop_path_rate}
+        over: dict[str, Any] = {
+            "img_size": m.img_size, "patch_size": m.patch_size, "drop_path_rate": m.drop_path_rate, **modal
+        }
         if vocab_size is not None and not init:
             over["vocab_size"] = vocab_size
         model = imglish.create_model(m.name, **over, **kwargs)
