@@ -114,6 +114,7 @@ class Settings:
     fused_adamw: bool = True
     imglish_recompute: str = "none"
     imglish_adamw: str = "after"
+    imglish_modalities: str = "all"
     gen_img_size: int = 224
     gen_max_len: int = 16
     gen_beams: int = 3
@@ -153,7 +154,8 @@ def build_imglish(settings: Settings, workload: Workload, img_size: int, weights
     from imglish.model import BEiT3Config, BEiT3Model, load_checkpoint
 
     dims = model_dims(settings)
-    config = BEiT3Config(**dims, img_size=img_size, normalize_output=workload.normalize_output)
+    config = BEiT3Config(**dims, img_size=img_size, normalize_output=workload.normalize_output,
+                         modalities=imglish_modalities(settings, workload))
     model = (model_cls or BEiT3Model)(config, **model_kwargs)
     model.set_grad_checkpointing(settings.imglish_recompute)
     if weights is not None:
@@ -161,6 +163,15 @@ def build_imglish(settings: Settings, workload: Workload, img_size: int, weights
         if not report.clean:
             raise RuntimeError(f"official weights did not load cleanly:\n{report}")
     return model
+
+
+def imglish_modalities(settings: Settings, workload: Workload) -> tuple[str, ...]:
+    """The modalities imglish's model holds: both (the released layout), or with `imglish_modalities="used"` only
+    those the workload feeds (an image-only or text-only model, `BEiT3Config.modalities`)."""
+    if settings.imglish_modalities != "used":
+        return ("vision", "text")
+    return tuple(m for m, used in (("vision", workload.img_size is not None), ("text", workload.text_len > 0))
+                 if used)
 
 
 class Side(nn.Module):
@@ -619,6 +630,7 @@ def render_markdown(results: dict) -> str:
         f"`{s.get('imglish_recompute', 'none')}`, AdamW "
         f"{'inside backward' if s.get('imglish_adamw') == 'in_backward' else 'after backward'}"
         f"{'' if s.get('imglish_recompute', 'none') == 'none' and s.get('imglish_adamw', 'after') == 'after' else ' (the memory-lean settings)'}"
+        f"{'; imglish holds only the experts a workload uses (an image-only or text-only model)' if s.get('imglish_modalities') == 'used' else ''}"
         f"; the official side recomputes nothing and steps after backward.",
         "",
         "Matrix-multiply peak (square `torch.mm`, best of sizes "
@@ -755,8 +767,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="imglish's activation recomputation in training (BEiT3.set_grad_checkpointing)")
     p.add_argument("--imglish-adamw", default="after", choices=("after", "in_backward"),
                    help="imglish's AdamW: a step after backward, or each parameter's update inside backward")
+    p.add_argument("--imglish-modalities", default="all", choices=("all", "used"),
+                   help="imglish's model holds both modalities' weights, or only those the workload uses "
+                        "(BEiT3Config.modalities: an image-only or text-only model)")
     p.add_argument("--lean", action="store_true",
-                   help="imglish's memory-lean training: --imglish-recompute selective --imglish-adamw in_backward")
+                   help="imglish's memory-lean training: --imglish-recompute selective --imglish-adamw in_backward "
+                        "--imglish-modalities used")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     p.add_argument("--update-doc", type=Path, default=None, help="Markdown file whose bench block is replaced")
     p.add_argument("--from-json", type=Path, default=None,
@@ -768,7 +784,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def settings_from_args(args: argparse.Namespace) -> tuple[Settings, list[str]]:
     s = Settings(size=args.size, depth=args.depth, threads=args.threads, fused_adamw=not args.no_fused_adamw,
                  imglish_recompute="selective" if args.lean else args.imglish_recompute,
-                 imglish_adamw="in_backward" if args.lean else args.imglish_adamw)
+                 imglish_adamw="in_backward" if args.lean else args.imglish_adamw,
+                 imglish_modalities="used" if args.lean else args.imglish_modalities)
     notes: list[str] = []
     if args.quick:
         s.batch = {"image224": 1, "vqa480": 1, "text64": 2, "retrieval384": 1}
