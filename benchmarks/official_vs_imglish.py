@@ -115,6 +115,7 @@ class Settings:
     imglish_recompute: str = "none"
     imglish_adamw: str = "after"
     imglish_modalities: str = "all"
+    imglish_compile: bool = False
     gen_img_size: int = 224
     gen_max_len: int = 16
     gen_beams: int = 3
@@ -421,6 +422,9 @@ def run_timings(settings: Settings, log: Callable[[str], None]) -> tuple[list[di
         data = make_batch(workload, batch_size, settings.seed)
         agreement[name] = check_agreement(pair, workload, data)
         log(f"[{name}] agreement: max |imglish - official| = {agreement[name]['max_abs_diff']:.2e}")
+        if settings.imglish_compile:  # compiled during each configuration's warm-up, never timed
+            side = pair["imglish"]
+            side.loss, side.infer = torch.compile(side.loss), torch.compile(side.infer)
         flops = count_flops(settings, workload, batch_size)
         for mode in settings.modes:
             for dtype in settings.dtypes:
@@ -631,6 +635,7 @@ def render_markdown(results: dict) -> str:
         f"{'inside backward' if s.get('imglish_adamw') == 'in_backward' else 'after backward'}"
         f"{'' if s.get('imglish_recompute', 'none') == 'none' and s.get('imglish_adamw', 'after') == 'after' else ' (the memory-lean settings)'}"
         f"{'; imglish holds only the experts a workload uses (an image-only or text-only model)' if s.get('imglish_modalities') == 'used' else ''}"
+        f"{'; imglish runs `torch.compile`d (inductor; compiled in the warm-up)' if s.get('imglish_compile') else ''}"
         f"; the official side recomputes nothing and steps after backward.",
         "",
         "Matrix-multiply peak (square `torch.mm`, best of sizes "
@@ -770,6 +775,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--imglish-modalities", default="all", choices=("all", "used"),
                    help="imglish's model holds both modalities' weights, or only those the workload uses "
                         "(BEiT3Config.modalities: an image-only or text-only model)")
+    p.add_argument("--imglish-compile", action="store_true",
+                   help="time imglish's loss and inference under torch.compile (inductor), compiled in the warm-up")
     p.add_argument("--lean", action="store_true",
                    help="imglish's memory-lean training: --imglish-recompute selective --imglish-adamw in_backward "
                         "--imglish-modalities used")
@@ -785,7 +792,8 @@ def settings_from_args(args: argparse.Namespace) -> tuple[Settings, list[str]]:
     s = Settings(size=args.size, depth=args.depth, threads=args.threads, fused_adamw=not args.no_fused_adamw,
                  imglish_recompute="selective" if args.lean else args.imglish_recompute,
                  imglish_adamw="in_backward" if args.lean else args.imglish_adamw,
-                 imglish_modalities="used" if args.lean else args.imglish_modalities)
+                 imglish_modalities="used" if args.lean else args.imglish_modalities,
+                 imglish_compile=args.imglish_compile)
     notes: list[str] = []
     if args.quick:
         s.batch = {"image224": 1, "vqa480": 1, "text64": 2, "retrieval384": 1}
