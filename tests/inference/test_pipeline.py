@@ -37,6 +37,9 @@ def _pixels(proc, path):
 def test_classify_matches_direct_forward(checkpoints, images):
     model, proc = _direct(checkpoints["classify"])
     pipe = pipeline("classify", checkpoints["classify"], device="cpu")
+    # it reads no text, so it holds only the vision weights, and answers as the full model does
+    assert pipe.model.config.modalities == ("vision",) and model.config.modalities == ("vision", "text")
+    assert sum(p.numel() for p in pipe.model.parameters()) < sum(p.numel() for p in model.parameters())
     answers = pipe(images, top_k=2)
     assert len(answers) == len(images)
     classes = ["cat", "dog", "fish"]

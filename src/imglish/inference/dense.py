@@ -77,6 +77,7 @@ def detection_overlay(image: Image.Image, detections: Sequence[Mapping[str, Any]
 
 class _DensePipeline(Pipeline):
     uses_text = False
+    image_only = True
 
     def load(self, item: Any) -> Image.Image:
         return to_image(item, max_pixels=self.max_pixels)
