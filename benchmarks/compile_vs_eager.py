@@ -24,22 +24,12 @@ import official_vs_imglish as bench
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--workload", default="image224", choices=sorted(bench.WORKLOADS))
-    p.add_argument("--mode", default="train", choices=("forward", "train"))
-    p.add_argument("--dtype", default="fp32", choices=sorted(bench.DTYPES))
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--size", default="base")
-    p.add_argument("--depth", type=int, default=None)
-    p.add_argument("--threads", type=int, default=2)
+    bench.add_config_args(p)
     p.add_argument("--repeats", type=int, default=6)
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    settings = bench.Settings(size=args.size, depth=args.depth, threads=args.threads)
-    workload = bench.WORKLOADS[args.workload]
-    pair = bench.build_pair(settings, workload)
+    _, _, pair, data = bench.build_config_pair(args)
     compiled = copy.deepcopy(pair["imglish"])
     compiled.loss, compiled.infer = torch.compile(compiled.loss), torch.compile(compiled.infer)
-    data = bench.make_batch(workload, args.batch, settings.seed)
     sides = {"official": pair["official"], "imglish": pair["imglish"], "imglish compiled": compiled}
     steps = {k: bench.make_step(side, args.mode, args.dtype, data, True) for k, side in sides.items()}
     start = time.perf_counter()

@@ -268,6 +268,26 @@ def build_pair(settings: Settings, workload: Workload) -> dict[str, Side]:
     }
 
 
+def add_config_args(p: argparse.ArgumentParser, workload: str = "image224") -> None:
+    """The options that pick one configuration, for the scripts that study one (profile_step, compile_vs_eager)."""
+    p.add_argument("--workload", default=workload, choices=sorted(WORKLOADS))
+    p.add_argument("--mode", default="train", choices=("forward", "train"))
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--size", default="base")
+    p.add_argument("--depth", type=int, default=None)
+    p.add_argument("--threads", type=int, default=2)
+
+
+def build_config_pair(args: argparse.Namespace) -> tuple[Settings, Workload, dict[str, Side], dict[str, Tensor]]:
+    """Settings, workload, both implementations and the batch of the configuration `add_config_args` parsed."""
+    torch.set_num_threads(args.threads)
+    settings = Settings(size=args.size, depth=args.depth, threads=args.threads)
+    workload = WORKLOADS[args.workload]
+    pair = build_pair(settings, workload)
+    return settings, workload, pair, make_batch(workload, args.batch, settings.seed)
+
+
 # ---------------------------------------------------------------------------------------------------- steps
 def autocast(dtype: str, device: str = "cpu"):
     """Autocast to `dtype` on the device type of `device` ("cpu", "cuda", "cuda:1", ...); off for fp32."""

@@ -15,7 +15,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -39,22 +38,11 @@ GROUPS = {
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--workload", default="vqa480", choices=sorted(bench.WORKLOADS))
-    p.add_argument("--mode", default="train", choices=("forward", "train"))
-    p.add_argument("--dtype", default="fp32", choices=sorted(bench.DTYPES))
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--size", default="base")
-    p.add_argument("--depth", type=int, default=None)
-    p.add_argument("--threads", type=int, default=2)
+    bench.add_config_args(p, workload="vqa480")
     p.add_argument("--steps", type=int, default=1)
     p.add_argument("--rows", type=int, default=15)
     args = p.parse_args(argv)
-
-    torch.set_num_threads(args.threads)
-    settings = bench.Settings(size=args.size, depth=args.depth, threads=args.threads)
-    workload = bench.WORKLOADS[args.workload]
-    pair = bench.build_pair(settings, workload)
-    data = bench.make_batch(workload, args.batch, settings.seed)
+    settings, _, pair, data = bench.build_config_pair(args)
     summary: dict[str, dict[str, float]] = {}
     for impl in bench.IMPLS:
         step = bench.make_step(pair[impl], args.mode, args.dtype, data, settings.fused_adamw, bench.adamw_for(settings, impl))
