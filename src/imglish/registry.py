@@ -106,7 +106,7 @@ def create_model(
         The model, in training mode like any fresh `nn.Module` (call `.eval()` for inference). The load report of
         `pretrained` is kept as `model.load_report`.
     """
-    from imglish.model.loading import load_checkpoint, read_checkpoint
+    from imglish.model.loading import load_checkpoint, read_checkpoint_metadata
 
     overrides = {k: v for k, v in overrides.items() if v is not None}
     cfg_over, task_over = _split_overrides(overrides)
@@ -114,7 +114,7 @@ def create_model(
     if name is None:
         if pretrained is None:
             raise ValueError("create_model needs a model name, or pretrained= an imglish .safetensors file")
-        _, meta = read_checkpoint(pretrained)
+        meta = read_checkpoint_metadata(pretrained)  # the tensors are read once, by load_checkpoint
         if meta.get("format") != "imglish/1":
             raise ValueError(
                 f"{pretrained} carries no imglish metadata; pass the model name to build (e.g. "

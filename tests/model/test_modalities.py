@@ -111,3 +111,41 @@ def test_modalities_are_canonical_and_survive_a_save(tmp_path):
     with pytest.raises(ValueError, match="missing"):
         load_checkpoint(imglish.create_model("beit3_tiny_patch16_224_imageclassification", img_size=32,
                                              num_classes=5), small)
+
+
+def test_a_file_is_read_without_the_other_modality(tmp_path, monkeypatch):
+    from safetensors import safe_open
+
+    full = randomize(imglish.create_model("beit3_tiny_patch16_224_imageclassification", img_size=32, num_classes=5))
+    path = save_model(full, tmp_path / "full.safetensors")
+    read: list[str] = []
+    original = safe_open
+
+    class Spy:
+        def __init__(self, *args, **kwargs):
+            self.inner = original(*args, **kwargs)
+
+        def __enter__(self):
+            handle = self.inner.__enter__()
+            get = handle.get_tensor
+
+            class Handle:
+                def __getattr__(self, name):
+                    return getattr(handle, name)
+
+                def get_tensor(self, name):
+                    read.append(name)
+                    return get(name)
+
+            return Handle()
+
+        def __exit__(self, *exc):
+            return self.inner.__exit__(*exc)
+
+    monkeypatch.setattr("safetensors.safe_open", Spy)
+    one = imglish.create_model(None, pretrained=path, modalities=("vision",)).eval()
+    assert one.load_report.clean and "beit3.text_embed.weight" in one.load_report.not_held
+    assert read and not any("text_embed" in k or ".B." in k for k in read)
+    image = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(one(image), full(image))

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -125,7 +126,7 @@ def read_checkpoint(path: str | os.PathLike, model_key: str = "model|module") ->
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
-        return _read_safetensors(path, tensors=True)
+        return _read_safetensors(path, tensors=True)[:2]
     obj = safe_torch_load(path, allowed=[argparse.Namespace])
     state = unwrap_state_dict(obj, model_key)
     meta = {}
@@ -134,14 +135,23 @@ def read_checkpoint(path: str | os.PathLike, model_key: str = "model|module") ->
     return state, meta
 
 
-def _read_safetensors(path: Path, tensors: bool) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """A safetensors file's tensors (when ``tensors``) and header metadata, JSON values decoded."""
+def _read_safetensors(
+    path: Path, tensors: bool, skip: Callable[[str], bool] | None = None
+) -> tuple[dict[str, Tensor], dict[str, Any], list[str]]:
+    """A safetensors file's tensors (when ``tensors``; those whose names ``skip`` accepts are not read), header
+    metadata (JSON values decoded) and the names skipped."""
     from safetensors import SafetensorError, safe_open
 
+    skipped: list[str] = []
     try:
         with safe_open(str(path), framework="pt") as handle:
             raw_meta = handle.metadata() or {}
-            state = {name: handle.get_tensor(name) for name in handle.keys()} if tensors else {}
+            state = {}
+            for name in handle.keys() if tensors else ():
+                if skip is not None and skip(name):
+                    skipped.append(name)
+                else:
+                    state[name] = handle.get_tensor(name)
     except SafetensorError as err:
         raise ValueError(f"{path} is not a valid safetensors file (corrupt or truncated? {err}).") from None
     meta: dict[str, Any] = {}
@@ -150,7 +160,7 @@ def _read_safetensors(path: Path, tensors: bool) -> tuple[dict[str, Tensor], dic
             meta[key] = json.loads(value)
         except (TypeError, json.JSONDecodeError):
             meta[key] = value
-    return state, meta
+    return state, meta, skipped
 
 
 def read_checkpoint_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -191,7 +201,18 @@ def load_checkpoint(
         antialias: antialias when the position table is shrunk.
     """
     meta: dict[str, Any] = {}
-    if isinstance(checkpoint, (str, os.PathLike)):
+    backbone = getattr(model, "beit3", model)
+    not_held: list[str] = []
+    if isinstance(checkpoint, (str, os.PathLike)) and Path(checkpoint).suffix == ".safetensors" and not model_prefix \
+            and hasattr(backbone, "holds_key") and len(backbone.config.modalities) < 2:
+        # a one-modality model never reads the other modality's tensors of an imglish file
+        if not Path(checkpoint).is_file():
+            raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+        ours = read_checkpoint_metadata(checkpoint).get("format") == FORMAT
+        state, meta, not_held = _read_safetensors(
+            Path(checkpoint), True, (lambda k: not backbone.holds_key(k.removeprefix("beit3."))) if ours else None
+        )
+    elif isinstance(checkpoint, (str, os.PathLike)):
         state, meta = read_checkpoint(checkpoint)
     else:
         state = unwrap_state_dict(checkpoint)
@@ -200,7 +221,7 @@ def load_checkpoint(
         if not state:
             raise ValueError(f"no key of the checkpoint starts with model_prefix {model_prefix!r}")
 
-    report = LoadReport()
+    report = LoadReport(not_held=not_held)
     if is_official_state_dict(state):
         report.source_format = "official"
         state = from_official(state)
@@ -236,7 +257,6 @@ def load_checkpoint(
             report.dropped_heads.append(key)
 
     # A one-modality model (BEiT3Config.modalities) skips the other modality's weights.
-    backbone = getattr(model, "beit3", model)
     if hasattr(backbone, "holds_key"):
         prefix = "beit3." if target_prefixed else ""
         for key in [k for k in state if k not in target and k.startswith(prefix)]:
