@@ -49,13 +49,20 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as err:
         print(f"imglish {args.command}: error: {err}", file=sys.stderr)
         return 2
     except TimeoutError as err:  # parallel.DistributedTimeout: a rank waited too long for the others
         print(f"imglish {args.command}: error: {err}", file=sys.stderr)
         return 1
+    # A command run under torchrun leaves its process group before the interpreter tears down: a group still alive
+    # at exit can abort a rank after all its work is done ("terminate called without an active exception"). A
+    # failing rank skips this, so torchrun stops the others as before.
+    from imglish.training.parallel import destroy_distributed
+
+    destroy_distributed()
+    return code
 
 
 if __name__ == "__main__":  # pragma: no cover
