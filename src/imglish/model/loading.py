@@ -203,14 +203,13 @@ def load_checkpoint(
     meta: dict[str, Any] = {}
     backbone = getattr(model, "beit3", model)
     not_held: list[str] = []
-    if isinstance(checkpoint, (str, os.PathLike)) and Path(checkpoint).suffix == ".safetensors" and not model_prefix \
-            and hasattr(backbone, "holds_key") and len(backbone.config.modalities) < 2:
-        # a one-modality model never reads the other modality's tensors of an imglish file
-        if not Path(checkpoint).is_file():
-            raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
-        ours = read_checkpoint_metadata(checkpoint).get("format") == FORMAT
+    one_modality = hasattr(backbone, "holds_key") and len(backbone.config.modalities) < 2
+    if one_modality and not model_prefix and isinstance(checkpoint, (str, os.PathLike)) \
+            and Path(checkpoint).suffix == ".safetensors" and Path(checkpoint).is_file():
+        # a one-modality model does not read the other modality's tensors (the names follow the same A/B scheme
+        # in the official layout)
         state, meta, not_held = _read_safetensors(
-            Path(checkpoint), True, (lambda k: not backbone.holds_key(k.removeprefix("beit3."))) if ours else None
+            Path(checkpoint), True, lambda k: not backbone.holds_key(k.removeprefix("beit3."))
         )
     elif isinstance(checkpoint, (str, os.PathLike)):
         state, meta = read_checkpoint(checkpoint)

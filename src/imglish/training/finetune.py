@@ -129,7 +129,7 @@ def build_task_model(cfg: TrainConfig, task: Any, vocab_size: int | None, init: 
     import imglish
     from imglish.model.config import BEiT3Config
     from imglish.model.heads import TASK_MODELS
-    from imglish.model.loading import load_checkpoint, read_checkpoint
+    from imglish.model.loading import load_checkpoint, read_checkpoint_metadata
 
     torch.manual_seed(cfg.seed)
     m = cfg.model
@@ -143,7 +143,7 @@ def build_task_model(cfg: TrainConfig, task: Any, vocab_size: int | None, init: 
     if init:
         if not Path(init).is_file():
             raise FileNotFoundError(f"--init {init!r} does not exist")
-        _, meta = read_checkpoint(init)
+        meta = read_checkpoint_metadata(init)  # the tensors are read once, by load_checkpoint below
     if meta.get("format") == "imglish/1":
         config = BEiT3Config.from_dict(meta["config"]).replace(
             img_size=m.img_size, drop_path_rate=m.drop_path_rate, **_task_config_overrides(task.model_task), **modal
@@ -199,14 +199,14 @@ def load_task_and_model(
         ValueError: for a checkpoint of another task or a model it does not fit, naming the file and both layouts.
     """
     import imglish
-    from imglish.model.loading import read_checkpoint
+    from imglish.model.loading import read_checkpoint_metadata
 
     checkpoint = str(checkpoint)
     if not Path(checkpoint).is_file():
         raise FileNotFoundError(f"checkpoint {checkpoint!r} does not exist")
     from imglish.training.recipes import model_task_of
 
-    _, meta = read_checkpoint(checkpoint)
+    meta = read_checkpoint_metadata(checkpoint)
     expected = model_task_of(cfg.task.name)
     ours = meta.get("format") == "imglish/1" and model_name is None
     if ours and meta.get("task") != expected:
