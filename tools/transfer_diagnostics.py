@@ -8,11 +8,10 @@ Every subcommand reads a world written by ``imglish data shapes`` (or a quicksta
 * ``probe-codes``: the same probe on a visual tokenizer's code map (a bag of codes per image): how much of the
   class the masked-image-modeling targets carry;
 * ``cnn``: a small convolutional network trained with labels, the reference for how learnable the world is;
-* ``cnn-clip``: a convolutional image tower and a small text transformer trained contrastively on the world's
-  training pairs (CLIP's objective, no labels); probes its pooled features and the k-means codes of its patch
-  features;
-* ``kmeans-tokens``: writes those k-means codes as a precomputed token file for pretraining
-  (``data.visual_targets=precomputed``), with a placeholder VQ-KD of the same codebook size.
+* ``cnn-clip``: trains the library's k-means visual tokenizer (:mod:`imglish.tokenizers.kmeans`: a convolutional
+  image tower and a small text transformer trained contrastively on the world's training pairs, CLIP's objective,
+  no labels; k-means codes of its patch features) and probes the tower's pooled features and the bag of its codes.
+  Pretraining on those codes: ``imglish quickstart --visual-tokenizer kmeans``.
 
 Run from the repository root, e.g.::
 
@@ -25,7 +24,6 @@ One torch thread unless ``--threads`` says otherwise; every figure is seeded.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -108,12 +106,13 @@ def cmd_probe(args) -> None:
 
 
 def code_bags(tokenizer_path: str, x: torch.Tensor) -> torch.Tensor:
-    from imglish.tokenizers.vqkd import load_vqkd
+    """Per image, how often each code of a visual tokenizer (VQ-KD or k-means) occurs."""
+    from imglish.tokenizers.kmeans import load_visual_tokenizer
 
-    tok, _ = load_vqkd(tokenizer_path)
+    tok = load_visual_tokenizer(tokenizer_path)
     with torch.no_grad():
         codes = torch.cat([tok.get_codebook_indices(x[i:i + 100]) for i in range(0, len(x), 100)])
-    return F.one_hot(codes.flatten(1), tok.config.n_code).sum(1).float()
+    return F.one_hot(codes.flatten(1), tok.n_code).sum(1).float()
 
 
 def cmd_probe_codes(args) -> None:
@@ -123,19 +122,12 @@ def cmd_probe_codes(args) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ CNNs
-def conv_tower(width: int = 128) -> nn.Sequential:
-    """Four 3x3 conv + BatchNorm + ReLU + 2x2 max-pool blocks: a 64-pixel image becomes a 4x4 map (stride 16,
-    the tiny BEiT-3's patch grid)."""
-    layers: list[nn.Module] = []
-    for cin, cout in ((3, 32), (32, 64), (64, 128), (128, width)):
-        layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2)]
-    return nn.Sequential(*layers)
-
-
 def cmd_cnn(args) -> None:
+    from imglish.tokenizers.kmeans import conv_tower
+
     torch.manual_seed(args.seed)
     (xa, ya), (xt, yt) = load_split(args.data, "train", args.labels), load_split(args.data, "test", 200)
-    model = nn.Sequential(conv_tower(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 30))
+    model = nn.Sequential(conv_tower(16, 128), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 30))
     opt = torch.optim.AdamW(model.parameters(), 1e-3, weight_decay=0.05)
     gen = torch.Generator().manual_seed(args.seed)
     for _ in range(args.steps):
@@ -151,172 +143,43 @@ def cmd_cnn(args) -> None:
     print(f"supervised CNN, {args.labels} labels, {args.steps} steps of 32: test accuracy {acc:.1f}")
 
 
-class ConvCLIP(nn.Module):
-    """A conv image tower and a 2-layer text transformer, each projected and L2-normalised (CLIP's shape)."""
-
-    def __init__(self, vocab: int, dim: int = 128, max_len: int = 32) -> None:
-        super().__init__()
-        self.max_len = max_len
-        self.tower = conv_tower(dim)
-        self.image_proj = nn.Linear(dim, dim)
-        self.embed = nn.Embedding(vocab, dim)
-        self.pos = nn.Parameter(torch.zeros(max_len, dim))
-        layer = nn.TransformerEncoderLayer(dim, 4, 4 * dim, 0.0, batch_first=True, norm_first=True)
-        self.text = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
-        self.text_proj = nn.Linear(dim, dim)
-        self.log_scale = nn.Parameter(torch.tensor(float(np.log(1 / 0.07))))
-
-    def patch_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, 64, 64) in [0, 1] -> (B, 16, dim): one feature per 16x16 patch."""
-        return self.tower((x - 0.5) / 0.5).flatten(2).transpose(1, 2)
-
-    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.image_proj(self.patch_features(x).mean(1)), dim=-1)
-
-    def encode_text(self, ids: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
-        h = self.text(self.embed(ids) + self.pos[: ids.shape[1]], src_key_padding_mask=pad)
-        keep = (~pad).unsqueeze(-1).float()
-        return F.normalize(self.text_proj((h * keep).sum(1) / keep.sum(1)), dim=-1)
-
-
-def _train_pairs(data: Path) -> tuple[torch.Tensor, list[list[str]]]:
-    meta = json.loads((data / "coco" / "dataset_coco.json").read_text())
-    images, captions = [], []
-    for rec in meta["images"]:
-        if rec["split"] not in ("train", "restval"):
-            continue
-        path = data / "coco" / rec["filepath"] / rec["filename"]
-        images.append(np.asarray(Image.open(path).convert("RGB").resize((IMG, IMG))))
-        captions.append([s["raw"] for s in rec["sentences"]])
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255, captions
-
-
 def cmd_cnn_clip(args) -> None:
+    """The library's k-means visual tokenizer (``imglish.tokenizers.kmeans``, what ``imglish quickstart
+    --visual-tokenizer kmeans`` trains), probed: its conv CLIP's pooled features and the bag of its codes."""
+    from imglish.tokenizers.kmeans import (
+        KMeansTrainConfig,
+        caption_encoder,
+        load_conv_clip,
+        load_kmeans_tokenizer,
+        train_kmeans_tokenizer,
+    )
     from imglish.tokenizers.text import TextTokenizer
+    from imglish.training.pretrain import load_world_sources
 
-    torch.manual_seed(args.seed)
     tok = TextTokenizer(args.text_tokenizer)
-    x, caps = _train_pairs(args.data)
-    model = ConvCLIP(len(tok))
-    opt = torch.optim.AdamW(model.parameters(), 1e-3, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 1e-3, total_steps=args.steps, pct_start=0.1)
-    rng = np.random.default_rng(args.seed)
+    pairs = load_world_sources(args.data, "train").pairs
+    if pairs is None:
+        raise SystemExit(f"{args.data} has no coco/dataset_coco.json: the conv CLIP trains on the world's pairs")
     t0 = time.perf_counter()
-    for step in range(args.steps):
-        idx = rng.choice(len(x), args.batch, replace=False)
-        text = tok([caps[i][rng.integers(len(caps[i]))] for i in idx], max_length=32, padding="max_length",
-                   return_tensors="pt")
-        ids, pad = text["input_ids"], text["padding_mask"].bool()
-        scale = model.log_scale.exp().clamp(max=100)
-        logits = model.encode_image(x[idx]) @ model.encode_text(ids, pad).T * scale
-        target = torch.arange(len(idx))
-        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 50 == 0 or step == args.steps - 1:
-            print(f"step {step + 1}/{args.steps}: contrastive loss {loss.item():.3f} "
-                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    torch.save({"state": model.state_dict(), "vocab": len(tok)}, args.out / "conv_clip.pt")
-    _probe_conv_clip(model.eval(), args.data, args.codes)
-
-
-def _load_conv_clip(folder: Path) -> ConvCLIP:
-    if not (folder / "conv_clip.pt").is_file():
-        raise SystemExit(f"{folder / 'conv_clip.pt'} does not exist: --clip takes the folder of cnn-clip")
-    blob = torch.load(folder / "conv_clip.pt", weights_only=True)
-    model = ConvCLIP(int(blob["vocab"]))
-    model.load_state_dict(blob["state"])
-    return model.eval()
-
-
-def _patch_features(model: ConvCLIP, x: torch.Tensor) -> torch.Tensor:
+    result = train_kmeans_tokenizer(pairs, caption_encoder(tok), tok.vocab_size, KMeansTrainConfig(
+        out=str(args.out), img_size=IMG, patch_size=16, n_code=args.codes, steps=args.steps,
+        batch_size=args.batch, lr=args.lr, precision=args.precision, seed=args.seed))
+    print(f"conv CLIP: contrastive loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f} in {result.steps} steps "
+          f"of {args.batch} ({time.perf_counter() - t0:.0f} s); {result.codes_used} of {args.codes} codes used; "
+          f"wrote {result.tokenizer_path}")
+    clip, book = load_conv_clip(result.teacher_path), load_kmeans_tokenizer(result.tokenizer_path)
+    (xa, ya), (xb, yb) = load_split(args.data, "train", 1000), load_split(args.data, "val", 200)
     with torch.no_grad():
-        return torch.cat([model.patch_features(x[i:i + 200]) for i in range(0, len(x), 200)])
-
-
-def _kmeans(z: torch.Tensor, k: int, iters: int = 30, seed: int = 0) -> torch.Tensor:
-    """Lloyd's k-means (k-means++ start) on rows of ``z``: the (k, D) centroids."""
-    gen = torch.Generator().manual_seed(seed)
-    cent = z[torch.randint(0, len(z), (1,), generator=gen)]
-    for _ in range(1, k):
-        d = torch.cdist(z, cent).min(1).values.pow(2)
-        cent = torch.cat([cent, z[torch.multinomial(d / d.sum(), 1, generator=gen)]])
-    for _ in range(iters):
-        assign = torch.cdist(z, cent).argmin(1)
-        for j in range(k):
-            members = z[assign == j]
-            if len(members):
-                cent[j] = members.mean(0)
-    return cent
-
-
-class _Codebook:
-    """k-means codes of patch features, standardised with the statistics of the features it was fitted on."""
-
-    def __init__(self, patches: torch.Tensor, k: int) -> None:
-        flat = patches.reshape(-1, patches.shape[-1])
-        self.mu, self.sd = flat.mean(0), flat.std(0) + 1e-6
-        self.centroids = _kmeans((flat - self.mu) / self.sd, k)
-
-    def codes(self, patches: torch.Tensor) -> torch.Tensor:
-        """(B, N, D) patch features -> (B, N) code ids."""
-        z = (patches.reshape(-1, patches.shape[-1]) - self.mu) / self.sd
-        return torch.cdist(z, self.centroids).argmin(1).reshape(patches.shape[:2])
-
-
-def _probe_conv_clip(model: ConvCLIP, data: Path, codes: list[int]) -> None:
-    (xa, ya), (xb, yb) = load_split(data, "train", 1000), load_split(data, "val", 200)
-    pa, pb = _patch_features(model, xa), _patch_features(model, xb)
+        pa, pb = clip.patch_features(xa), clip.patch_features(xb)
+        ca, cb = book.get_codebook_indices(xa), book.get_codebook_indices(xb)
     print(f"conv CLIP: linear probe on the mean patch feature, val accuracy "
           f"{linear_probe(pa.mean(1), ya, pb.mean(1), yb):.1f}")
-    for k in codes:
-        book = _Codebook(pa, k)
 
-        def bag(p: torch.Tensor) -> torch.Tensor:
-            return F.one_hot(book.codes(p), k).sum(1).float()
+    def bag(c: torch.Tensor) -> torch.Tensor:
+        return F.one_hot(c, args.codes).sum(1).float()
 
-        print(f"conv CLIP: linear probe on the bag of its k-means codes (k={k}), val accuracy "
-              f"{linear_probe(bag(pa), ya, bag(pb), yb):.1f}")
-
-
-def cmd_kmeans_tokens(args) -> None:
-    """k-means codes of the conv CLIP's patch features of every image of the image stream, as a token
-    file."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    from imglish.tokenizers.vqkd import load_vqkd
-    from imglish.tokenizers.vqkd_train import (
-        VisualTokenizerTrainConfig,
-        precompute_visual_tokens,
-        train_visual_tokenizer,
-    )
-
-    clip = _load_conv_clip(args.clip)  # a missing one is named before anything is written
-    root = args.data / "imagenet" / "train"
-    if not root.is_dir():
-        raise SystemExit(f"{root} does not exist: give --data a world written by `imglish data shapes`")
-    placeholder = args.out / "tokenizers" / "vqkd"
-    if not (placeholder / "vqkd.safetensors").exists():  # only its codebook size is used
-        train_visual_tokenizer(VisualTokenizerTrainConfig(
-            images=str(root), out=str(placeholder), steps=2, seed=0, progress=False,
-            model_overrides={"img_size": IMG, "patch_size": 16, "n_code": args.codes}))
-    tokens = args.out / "kmeans_tokens.safetensors"
-    precompute_visual_tokens(load_vqkd(placeholder / "vqkd.safetensors")[0], root, tokens, progress=False)
-    with safe_open(str(tokens), "pt") as fh:
-        meta = fh.metadata()
-    paths = json.loads(meta["paths"])
-    x = torch.from_numpy(np.stack([np.asarray(Image.open(root / p).convert("RGB").resize((IMG, IMG)))
-                                   for p in paths])).permute(0, 3, 1, 2).float() / 255
-    p = _patch_features(clip, x)
-    codes = _Codebook(p, args.codes).codes(p)
-    save_file({"tokens": codes.long()}, str(tokens), metadata=meta)
-    print(f"wrote {tokens}: {len(paths)} images, {int(codes.unique().numel())} of {args.codes} codes used")
-    print("pretrain on them: quickstart(OUT, overrides={'data.visual_targets': 'precomputed', "
-          f"'data.visual_tokens': '{tokens}', 'data.visual_tokenizer_codes': {args.codes}}})")
+    print(f"conv CLIP: linear probe on the bag of its k-means codes (k={args.codes}), val accuracy "
+          f"{linear_probe(bag(ca), ya, bag(cb), yb):.1f}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -336,23 +199,20 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--labels", type=int, default=1600)
     s.add_argument("--steps", type=int, default=600)
     s.add_argument("--seed", type=int, default=0)
-    s = sub.add_parser("cnn-clip", help="train a conv CLIP on the world's pairs; probe it and its codes")
+    s = sub.add_parser("cnn-clip", help="train the k-means visual tokenizer (a conv CLIP on the world's pairs); "
+                       "probe the conv CLIP and the codes")
     s.add_argument("--data", type=Path, required=True)
     s.add_argument("--text-tokenizer", required=True, help="a SentencePiece model file")
     s.add_argument("--out", type=Path, required=True)
     s.add_argument("--steps", type=int, default=300)
     s.add_argument("--batch", type=int, default=128)
-    s.add_argument("--codes", type=int, nargs="*", default=[64, 256])
-    s.add_argument("--seed", type=int, default=0)
-    s = sub.add_parser("kmeans-tokens", help="the conv CLIP's k-means codes as pretraining targets")
-    s.add_argument("--data", type=Path, required=True)
-    s.add_argument("--clip", type=Path, required=True, help="the --out folder of cnn-clip")
-    s.add_argument("--out", type=Path, required=True, help="the quickstart OUT the token file is meant for")
     s.add_argument("--codes", type=int, default=256)
+    s.add_argument("--lr", type=float, default=1e-3)
+    s.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    s.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    {"probe": cmd_probe, "probe-codes": cmd_probe_codes, "cnn": cmd_cnn, "cnn-clip": cmd_cnn_clip,
-     "kmeans-tokens": cmd_kmeans_tokens}[args.cmd](args)
+    {"probe": cmd_probe, "probe-codes": cmd_probe_codes, "cnn": cmd_cnn, "cnn-clip": cmd_cnn_clip}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -172,6 +172,52 @@ def test_pretrain_with_precomputed_targets_through_cli(world, tmp_path):
     assert all("loss/image.mim" in r for r in rows)
 
 
+def test_pretrain_with_a_kmeans_visual_tokenizer_through_cli(world, tmp_path):
+    """``data.visual_tokenizer_kind=kmeans``: a conv CLIP is trained on the pair stream, its k-means codes are the
+    image stream's precomputed targets, and the held-out image accuracy is scored with the same tokenizer."""
+    from safetensors import safe_open
+
+    from imglish.tokenizers.kmeans import KMeansTokenizer, load_visual_tokenizer
+    from imglish.tokenizers.vqkd_train import load_visual_tokens
+
+    out = tmp_path / "run"
+    rc = cli_main(tiny_pretrain_args(world, out, 3, **{
+        "--data.visual_tokenizer_kind": "kmeans", "--data.visual_tokenizer_steps": "3",
+        "--data.visual_tokenizer_batch": "8", "--data.visual_targets": "precomputed", "--data.augment": "false",
+    }))
+    assert rc == 0
+    tok = load_visual_tokenizer(out / "tokenizers" / "kmeans" / "kmeans.safetensors")
+    assert isinstance(tok, KMeansTokenizer) and tok.n_code == 16 and tok.config.num_tokens == 16
+    assert not (out / "tokenizers" / "vqkd").exists()  # no VQ-KD is trained for nothing
+    codes = out / "tokenizers" / "visual_tokens.safetensors"
+    with safe_open(str(codes), "pt") as fh:
+        assert fh.metadata()["n_code"] == "16"
+    assert int(torch_max(load_visual_tokens(codes))) < 16
+    rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert all("loss/image.mim" in r for r in rows)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["heldout"]["image.mim"]["tokens"] > 0
+
+
+def torch_max(tokens: dict) -> int:
+    import torch
+
+    return int(torch.stack(list(tokens.values())).max())
+
+
+def test_a_kmeans_tokenizer_without_pairs_is_refused_with_the_reason(tmp_path, capsys):
+    from imglish.data.synthetic import WorldConfig, generate_world
+
+    data = tmp_path / "w"
+    generate_world(WorldConfig(num_images=20, image_size=32, seed=1, formats=("imagenet", "text"), workers=1), data)
+    assert cli_main(tiny_pretrain_args(data, tmp_path / "run", 1, **{"--data.visual_tokenizer_kind": "kmeans"})) != 0
+    assert "conv CLIP on the pair stream with the text tokenizer; this run has no image-text pairs" in (
+        capsys.readouterr().err
+    )
+    assert cli_main(tiny_pretrain_args(data, tmp_path / "run", 1, **{"--data.visual_tokenizer_kind": "vq"})) != 0
+    assert "data.visual_tokenizer_kind must be 'vqkd' or 'kmeans', got 'vq'" in capsys.readouterr().err
+
+
 def test_bad_image_is_skipped_in_a_worker_and_counted_once(world, tmp_path):
     import shutil
 

@@ -48,6 +48,31 @@ def _train_visual(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_kmeans(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from imglish.data import KarpathyCaptions
+    from imglish.tokenizers.kmeans import KMeansTrainConfig, caption_encoder, train_kmeans_tokenizer
+    from imglish.tokenizers.text import TextTokenizer
+
+    splits = tuple(s.strip() for s in args.splits.split(",") if s.strip())
+    pairs = KarpathyCaptions(Path(args.captions), image_root=args.image_root, splits=splits)
+    if not len(pairs):
+        raise ValueError(f"{args.captions} has no caption in the split(s) {', '.join(splits)}")
+    tok = TextTokenizer(args.text_tokenizer)
+    cfg = KMeansTrainConfig(
+        out=args.out, img_size=args.img_size, patch_size=args.patch_size, width=args.width, n_code=args.n_code,
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, progress=not args.no_progress,
+    )
+    result = train_kmeans_tokenizer(pairs, caption_encoder(tok, args.max_text_len), tok.vocab_size, cfg)
+    print(
+        f"wrote {result.tokenizer_path} (and the conv CLIP {result.teacher_path}): contrastive loss "
+        f"{result.losses[0]:.3f} -> {result.losses[-1]:.3f} in {result.steps} steps, {result.codes_used} of "
+        f"{args.n_code} codes used, {result.skipped} bad records skipped, {result.elapsed_s:.0f} s"
+    )
+    return 0
+
+
 def _precompute(args: argparse.Namespace) -> int:
     from imglish.tokenizers.vqkd_train import precompute_visual_tokens
 
@@ -106,8 +131,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_train_visual)
 
-    p = sub.add_parser("precompute", help="tokenize every image of a folder with a VQ-KD tokenizer")
-    p.add_argument("--tokenizer", required=True, help="vqkd.safetensors (or another file with a saved config)")
+    p = sub.add_parser(
+        "train-kmeans",
+        help="train a k-means visual tokenizer: a conv CLIP on image-caption pairs, k-means of its patch features",
+        description="A semantic visual tokenizer without a downloaded teacher (imglish.tokenizers.kmeans): a small "
+        "convolutional CLIP is trained contrastively on the pairs of a Karpathy-style caption file, and its patch "
+        "features are quantised by k-means. Writes OUT/kmeans.safetensors (the tokenizer: pretraining's "
+        "data.visual_tokenizer, or `imglish tokenizer precompute --tokenizer`) and OUT/conv_clip.safetensors.",
+    )
+    p.add_argument("--captions", required=True, help="a Karpathy-style JSON, e.g. WORLD/coco/dataset_coco.json")
+    p.add_argument("--image-root", default=None, help="folder the images are relative to (default: the JSON's)")
+    p.add_argument("--splits", default="train,restval", help="comma-separated Karpathy splits (default train,restval)")
+    p.add_argument("--text-tokenizer", required=True, help="SentencePiece .model for the captions")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--img-size", type=int, default=64)
+    p.add_argument("--patch-size", type=int, default=16, help="a power of two: the conv tower's stride")
+    p.add_argument("--width", type=int, default=128)
+    p.add_argument("--n-code", type=int, default=256)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--max-text-len", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_train_kmeans)
+
+    p = sub.add_parser("precompute", help="tokenize every image of a folder with a visual tokenizer (VQ-KD or k-means)")
+    p.add_argument("--tokenizer", required=True,
+                   help="vqkd.safetensors (or another VQ-KD file with a saved config), or a kmeans.safetensors")
     p.add_argument("--images", required=True, help="folder searched recursively for images")
     p.add_argument("--output", required=True, help=".safetensors file to write")
     p.add_argument("--batch-size", type=int, default=64)

@@ -21,13 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode, v2
 from tqdm.auto import tqdm
 
 from imglish.tokenizers.image import ImageLoadError, find_images, load_image
 from imglish.tokenizers.teachers import build_teacher
-from imglish.tokenizers.vqkd import VQKD, create_vqkd, load_vqkd, save_vqkd
+from imglish.tokenizers.vqkd import VQKD, create_vqkd, save_vqkd
 
 __all__ = [
     "VisualTokenizerTrainConfig",
@@ -380,7 +381,7 @@ def train_visual_tokenizer(config: VisualTokenizerTrainConfig) -> TrainResult:
 
 @torch.no_grad()
 def precompute_visual_tokens(
-    tokenizer: str | os.PathLike | VQKD,
+    tokenizer: str | os.PathLike | nn.Module,
     images: str | os.PathLike,
     output: str | os.PathLike,
     *,
@@ -394,7 +395,9 @@ def precompute_visual_tokens(
     view made the same way (not randomly cropped views).
 
     Args:
-        tokenizer: a tokenizer file (imglish ``.safetensors`` or official with a saved config) or a model.
+        tokenizer: a tokenizer file (VQ-KD: imglish ``.safetensors`` or official with a saved config; or a k-means
+            tokenizer file) or a model (anything with ``get_codebook_indices``, ``n_code`` and
+            ``config.img_size`` / ``config.num_tokens``).
         images: folder searched recursively.
         output: ``.safetensors`` file: tensor ``tokens`` (M, N) int32 (-1 rows for unreadable images) and
             metadata ``paths`` (JSON list of paths relative to ``images``), ``n_code``, ``img_size``.
@@ -407,7 +410,12 @@ def precompute_visual_tokens(
     from safetensors.torch import save_file
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = tokenizer if isinstance(tokenizer, VQKD) else load_vqkd(tokenizer)[0]
+    if isinstance(tokenizer, nn.Module):
+        model = tokenizer
+    else:
+        from imglish.tokenizers.kmeans import load_visual_tokenizer
+
+        model = load_visual_tokenizer(tokenizer)
     model = model.to(dev).eval()
     ds = ImageFolderDataset(images, _eval_transform(model.config.img_size))
     tokens = torch.full((len(ds), model.config.num_tokens), -1, dtype=torch.int32)

@@ -99,9 +99,16 @@ class DataConfig:
             synthetic world's, SentencePiece's unigram trainer keeps no whole word as a piece (its seed pieces are
             substrings shared by at least two distinct words), so ``right`` becomes ``▁r ig h t``; BPE merges by
             word frequency and keeps every frequent word whole (docs/tokenizers.md).
-        visual_tokenizer: VQ-KD checkpoint; ``None`` trains one into ``OUT/tokenizers/`` (or reuses it).
+        visual_tokenizer: visual tokenizer file (VQ-KD, or a k-means tokenizer); ``None`` trains one into
+            ``OUT/tokenizers/`` (or reuses it).
+        visual_tokenizer_kind: what is trained here when ``visual_tokenizer`` is ``None``: ``vqkd`` (default; a
+            tiny VQ-KD on the image stream, reconstructing ``visual_tokenizer_teacher``) or ``kmeans`` (a small conv
+            CLIP trained contrastively on the pair stream, its patch features quantised by k-means:
+            :mod:`imglish.tokenizers.kmeans`, a semantic tokenizer without a downloaded teacher).
         visual_tokenizer_codes: codebook size used when the visual tokenizer is trained here.
-        visual_tokenizer_steps: training steps used when the visual tokenizer is trained here.
+        visual_tokenizer_steps: training steps used when the visual tokenizer is trained here (for ``kmeans``: of
+            the conv CLIP, batches of ``visual_tokenizer_batch``).
+        visual_tokenizer_batch: the conv CLIP's contrastive batch (``kmeans`` only).
         visual_tokenizer_teacher: what the VQ-KD decoder reconstructs when the visual tokenizer is trained here
             (``imglish.tokenizers.teachers``): ``pixels+hog`` (default, no weights), ``clip:DIR``, ``dino:DIR``
             or ``beit3:FILE`` (an imglish retrieval model).
@@ -132,8 +139,10 @@ class DataConfig:
     text_vocab_size: int = 256
     text_tokenizer_type: str = "bpe"
     visual_tokenizer: str | None = None
+    visual_tokenizer_kind: str = "vqkd"
     visual_tokenizer_codes: int = 64
     visual_tokenizer_steps: int = 300
+    visual_tokenizer_batch: int = 128
     visual_tokenizer_teacher: str = "pixels+hog"
     visual_targets: str = "online"
     visual_tokens: str | None = None
@@ -432,6 +441,12 @@ class TrainConfig:
             raise ValueError(f"data.max_text_len must be >= 3 (BOS, one token, EOS), got {d.max_text_len}")
         if d.text_tokenizer_type not in ("bpe", "unigram"):
             raise ValueError(f"data.text_tokenizer_type must be 'bpe' or 'unigram', got {d.text_tokenizer_type!r}")
+        if d.visual_tokenizer_kind not in ("vqkd", "kmeans"):
+            raise ValueError(
+                f"data.visual_tokenizer_kind must be 'vqkd' or 'kmeans', got {d.visual_tokenizer_kind!r}"
+            )
+        if d.visual_tokenizer_batch < 2:
+            raise ValueError(f"data.visual_tokenizer_batch must be >= 2, got {d.visual_tokenizer_batch}")
         if d.visual_targets not in ("online", "precomputed"):
             raise ValueError(
                 f"data.visual_targets must be 'online' or 'precomputed', got {d.visual_targets!r}"

@@ -119,18 +119,39 @@ def prepare_text_tokenizer(
     return TextTokenizer(path)
 
 
-def prepare_visual_tokenizer(cfg: TrainConfig, image_dir: Path | None, is_main: bool = True) -> nn.Module:
-    """Load ``data.visual_tokenizer``, or train (rank 0) / reuse ``OUT/tokenizers/vqkd/vqkd.safetensors``.
+def prepare_visual_tokenizer(
+    cfg: TrainConfig,
+    image_dir: Path | None,
+    is_main: bool = True,
+    pairs: Any = None,
+    text_tokenizer: Any = None,
+) -> nn.Module:
+    """Load ``data.visual_tokenizer``, or train (rank 0) / reuse one in ``OUT/tokenizers/``.
 
-    A tokenizer trained here is the ``vqkd_tiny_patch8_64`` architecture at the model's image and patch size with
-    ``data.visual_tokenizer_codes`` codes, trained for ``data.visual_tokenizer_steps`` steps on the image folder.
+    ``data.visual_tokenizer_kind`` says what is trained: ``vqkd`` gives ``OUT/tokenizers/vqkd/vqkd.safetensors``,
+    the ``vqkd_tiny_patch8_64`` architecture at the model's image and patch size with ``data.visual_tokenizer_codes``
+    codes, trained for ``data.visual_tokenizer_steps`` steps on ``image_dir``; ``kmeans`` gives
+    ``OUT/tokenizers/kmeans/kmeans.safetensors`` (:func:`imglish.tokenizers.kmeans.train_kmeans_tokenizer`), a conv
+    CLIP trained on ``pairs`` (captions encoded with ``text_tokenizer``) with k-means codes of its patches.
     """
-    from imglish.tokenizers.vqkd import load_vqkd
+    from imglish.tokenizers.kmeans import load_visual_tokenizer
 
+    kind = cfg.data.visual_tokenizer_kind
     if cfg.data.visual_tokenizer:
         path = Path(cfg.data.visual_tokenizer)
         if not path.exists():
             raise FileNotFoundError(f"data.visual_tokenizer {str(path)!r} does not exist")
+    elif kind == "kmeans":
+        folder = Path(cfg.out) / "tokenizers" / "kmeans"
+        path = folder / "kmeans.safetensors"
+        if is_main and not path.exists():
+            if pairs is None or text_tokenizer is None:
+                raise ValueError(
+                    "data.visual_tokenizer_kind='kmeans' trains its conv CLIP on the pair stream with the text "
+                    "tokenizer; this run has " + ("no image-text pairs" if pairs is None else "no text tokenizer")
+                )
+            _train_kmeans(cfg, pairs, text_tokenizer, folder)
+        parallel.barrier("rank 0 to train the k-means visual tokenizer", cfg.parallel.prepare_timeout_s)
     else:
         folder = Path(cfg.out) / "tokenizers" / "vqkd"
         path = folder / "vqkd.safetensors"
@@ -144,7 +165,7 @@ def prepare_visual_tokenizer(cfg: TrainConfig, image_dir: Path | None, is_main: 
             with local_training():  # rank 0 alone: no collective the waiting ranks would never enter
                 _train_visual(cfg, image_dir, folder)
         parallel.barrier("rank 0 to train the VQ-KD visual tokenizer", cfg.parallel.prepare_timeout_s)
-    model, _ = load_vqkd(path)
+    model = load_visual_tokenizer(path)
     grid = model.config.img_size // model.config.patch_size
     if grid != cfg.model.img_size // cfg.model.patch_size:
         raise ValueError(
@@ -152,6 +173,31 @@ def prepare_visual_tokenizer(cfg: TrainConfig, image_dir: Path | None, is_main: 
             f"{cfg.model.img_size // cfg.model.patch_size} patches per side"
         )
     return model
+
+
+def _train_kmeans(cfg: TrainConfig, pairs: Any, text_tokenizer: Any, folder: Path) -> None:
+    from imglish.tokenizers.kmeans import KMeansTrainConfig, caption_encoder, train_kmeans_tokenizer
+
+    result = train_kmeans_tokenizer(
+        pairs,
+        caption_encoder(text_tokenizer, cfg.data.max_text_len),
+        text_tokenizer.vocab_size,
+        KMeansTrainConfig(
+            out=str(folder),
+            img_size=cfg.model.img_size,
+            patch_size=cfg.model.patch_size,
+            n_code=cfg.data.visual_tokenizer_codes,
+            steps=cfg.data.visual_tokenizer_steps,
+            batch_size=cfg.data.visual_tokenizer_batch,
+            precision=cfg.parallel.precision,
+            seed=cfg.seed,
+            progress=cfg.logging.progress,
+        ),
+    )
+    if cfg.logging.progress:
+        print(f"k-means visual tokenizer: conv CLIP loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f} in "
+              f"{result.steps} steps, {result.codes_used} of {cfg.data.visual_tokenizer_codes} codes used, "
+              f"{result.elapsed_s:.0f} s")
 
 
 def _train_visual(cfg: TrainConfig, image_dir: Path, folder: Path) -> None:
@@ -610,7 +656,9 @@ def pretrain(
         pad_id, eos_id, bos_id = 1, 2, 0
     if visual_tokenizer is None:
         image_dir = Path(cfg.data.path) / "imagenet" / "train" if cfg.data.path else None
-        visual_tokenizer = prepare_visual_tokenizer(cfg, image_dir, info.is_main)
+        visual_tokenizer = prepare_visual_tokenizer(
+            cfg, image_dir, info.is_main, pairs=sources.pairs, text_tokenizer=text_tokenizer
+        )
     num_codes = _num_codes(visual_tokenizer)
     targets = None
     if cfg.data.visual_targets == "precomputed" and sources.images is not None:
