@@ -18,6 +18,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 PRETRAIN = {
     "data.visual_tokenizer_steps": 4,
     "data.visual_tokenizer_codes": 16,
+    "data.visual_tokenizer_batch": 8,
     "data.text_vocab_size": 120,
     "data.image_batch": 4,
     "data.text_batch": 4,

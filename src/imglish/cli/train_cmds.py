@@ -62,10 +62,21 @@ def _pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+#: What ``imglish quickstart --visual-tokenizer`` sets in the pretraining config.
+VISUAL_TOKENIZER_CHOICES: dict[str, dict[str, object]] = {
+    "kmeans": {},  # the quickstart's own recipe
+    "vqkd": {"data.visual_tokenizer_kind": "vqkd", "data.visual_tokenizer_codes": 64,
+             "data.visual_tokenizer_steps": 200, "data.visual_targets": "online"},
+}
+
+
 def _quickstart(args: argparse.Namespace) -> int:
     from imglish.training.quickstart import quickstart
 
-    overrides = {} if args.threads is None else {"parallel.threads": args.threads}
+    overrides: dict[str, object] = dict(VISUAL_TOKENIZER_CHOICES.get(args.visual_tokenizer, {}))
+    overrides.update(parse_key_values(args.pretrain_set, "--pretrain"))  # a key given here wins
+    if args.threads is not None:
+        overrides["parallel.threads"] = args.threads
     if args.skip_pretraining and not args.init:
         raise SystemExit("imglish quickstart: --skip-pretraining needs --init FILE (a pretrained model.safetensors)")
     if args.init and not args.skip_pretraining:
@@ -139,7 +150,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--threads",
         type=int,
         default=None,
-        help="torch threads (default 1: robust on a shared machine; 0 lets torch choose)",
+        help="torch threads for pretraining (default 0: torch's choice, every core; 1 is more robust on a busy "
+        "shared machine, where OpenMP's busy-waiting slows several threads down)",
     )
     q.add_argument(
         "--budget-minutes",
@@ -163,6 +175,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--init", default=None, help="a pretrained model.safetensors (with its Processor beside it)")
     q.add_argument(
         "--jobs", type=int, default=None, help="fine-tunes at once, one process and thread each (default 2)"
+    )
+    q.add_argument(
+        "--visual-tokenizer",
+        dest="visual_tokenizer",
+        choices=sorted(VISUAL_TOKENIZER_CHOICES),
+        default=None,
+        help="the visual tokenizer trained for pretraining: kmeans (the default: 256 k-means codes of a conv CLIP "
+        "trained on the world's pairs, precomputed) or vqkd (the earlier recipe: a tiny VQ-KD reconstructing "
+        "pixels and HOG, 64 codes, 200 steps; docs/quickstart.md)",
+    )
+    q.add_argument(
+        "--pretrain",
+        dest="pretrain_set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override for pretraining (repeatable), e.g. data.visual_tokenizer_codes=128",
     )
     q.add_argument(
         "--finetune",

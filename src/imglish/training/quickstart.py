@@ -35,7 +35,7 @@ __all__ = [
     "write_report",
 ]
 
-QUICKSTART_STEPS = 500
+QUICKSTART_STEPS = 1000
 QUICKSTART_IMAGES = 2000
 #: The quickstart must end within this many seconds on a 2-core CPU; pretraining gets what is left of it.
 QUICKSTART_BUDGET_S = 15 * 60
@@ -46,9 +46,10 @@ WORLD_FORMATS = ("coco", "imagenet", "text", "wds", "vqav2", "nlvr2")
 
 # The quickstart recipe (measured on 2 CPU cores; docs/quickstart.md has the timings): 64-pixel images in 16-pixel
 # patches, 32 samples per stream per step, a 5e-4 peak lr, no crop/flip/colour jitter (the world's captions name
-# colours, sizes and sides), a 64-code visual tokenizer trained for 200 steps, and one torch thread (with two threads, OpenMP's
-# busy-waiting makes every step several times slower as soon as anything else runs on the machine; set
-# --threads 0 to let torch choose). See docs/quickstart.md for why the other values are what they are.
+# colours, sizes and sides), and a semantic visual tokenizer: 256 k-means codes of the patch features of a small
+# conv CLIP trained for 300 steps of 128 on the world's pairs (imglish.tokenizers.kmeans), looked up from a
+# precomputed file. Pretraining uses every core and bf16 autocast where the CPU has native bf16 kernels
+# (resolved when the quickstart starts: see _precision). See docs/quickstart.md for why the values are what they are.
 QUICKSTART_OVERRIDES: dict[str, object] = {
     "model.patch_size": 16,
     "model.init_std": 0.05,
@@ -56,8 +57,11 @@ QUICKSTART_OVERRIDES: dict[str, object] = {
     "data.image_batch": 32,
     "data.text_batch": 32,
     "data.pair_batch": 32,
-    "data.visual_tokenizer_steps": 200,
-    "data.visual_tokenizer_codes": 64,
+    "data.visual_tokenizer_kind": "kmeans",
+    "data.visual_tokenizer_steps": 300,
+    "data.visual_tokenizer_batch": 128,
+    "data.visual_tokenizer_codes": 256,
+    "data.visual_targets": "precomputed",
     "data.text_vocab_size": 256,
     "data.augment": False,
     "optim.lr": 5e-4,
@@ -65,8 +69,21 @@ QUICKSTART_OVERRIDES: dict[str, object] = {
     "checkpoint.save_every": 100,
     "checkpoint.resume": True,
     "data.heldout_batches": 16,
-    "parallel.threads": 1,
+    "parallel.threads": 0,
 }
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AVX-512 BF16 or AMX): then bf16 autocast is about 1.5-2x
+    faster than float32; elsewhere (AVX2) it is slower."""
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(cpu, c, lambda: False)()) for c in checks)
+
+
+def _precision() -> str:
+    return "bf16" if native_bf16() else "fp32"
+
 
 #: The downstream tasks of the quickstart: classification, VQA, visual reasoning, retrieval and captioning.
 QUICKSTART_TASKS = ("imagenet", "vqav2", "nlvr2", "coco_retrieval", "coco_captioning")
@@ -78,13 +95,13 @@ QUICKSTART_FINETUNE: dict[str, dict[str, object]] = {
     "imagenet": {"task.max_train_examples": 300},
     "vqav2": {"task.max_train_examples": 1000},
     "nlvr2": {"task.max_train_examples": 1000},
-    "coco_retrieval": {"task.max_train_examples": 500},
+    "coco_retrieval": {"task.max_train_examples": 500, "optim.lr": 1e-4},
     "coco_captioning": {"task.max_train_examples": 500, "schedule.max_steps": 300},
 }
 #: Seconds of one quickstart fine-tune of each task, two at a time on 2 cores of an AMD EPYC (docs/quickstart.md):
 #: what pretraining leaves for them (with a 20% margin), and how the fine-tuning budget is shared out.
-_FINETUNE_COST = {"imagenet": 30, "vqav2": 18, "nlvr2": 30, "coco_retrieval": 105, "coco_captioning": 115,
-                  "flickr30k": 105, "nocaps": 115}
+_FINETUNE_COST = {"imagenet": 20, "vqav2": 13, "nlvr2": 25, "coco_retrieval": 85, "coco_captioning": 96,
+                  "flickr30k": 85, "nocaps": 96}
 _FINETUNE_MARGIN = 1.2
 SIDES = ("pretrained", "scratch")
 STATE_FILE = "quickstart.json"
@@ -161,7 +178,7 @@ def quickstart(
 
     summary = cfg = None
     if init is None:
-        ov: dict[str, object] = dict(QUICKSTART_OVERRIDES)
+        ov: dict[str, object] = dict(QUICKSTART_OVERRIDES, **{"parallel.precision": _precision()})
         ov.update({"out": str(out), "data.path": str(data), "seed": seed,
                    "schedule.max_steps": max_steps or QUICKSTART_STEPS})
         ov.update(overrides or {})
@@ -472,13 +489,25 @@ _STREAM_NAMES = {
 }
 
 
+def _visual_tokenizer_words(cfg) -> str:
+    d = cfg.data
+    if d.visual_tokenizer:
+        return f"`{d.visual_tokenizer}`"
+    if d.visual_tokenizer_kind == "kmeans":
+        return (f"k-means, {d.visual_tokenizer_codes} codes of the patch features of a conv CLIP trained for "
+                f"{d.visual_tokenizer_steps} steps of {d.visual_tokenizer_batch} pairs")
+    return (f"VQ-KD, {d.visual_tokenizer_codes} codes, {d.visual_tokenizer_steps} steps, teacher "
+            f"`{d.visual_tokenizer_teacher}`")
+
+
 def _pretraining_lines(out: Path, summary, cfg) -> list[str]:
     lines = [
         (
             f"Tiny BEiT-3 (`{cfg.model.name}`, {cfg.model.img_size}x{cfg.model.img_size} images, patch "
             f"{cfg.model.patch_size}) pretrained with masked data modeling for {summary.steps} steps on the synthetic "
             f"world in `{cfg.data.path}`; batches per step: {cfg.data.image_batch} images, {cfg.data.text_batch} "
-            f"texts, {cfg.data.pair_batch} pairs; peak lr {cfg.optim.lr:g}; {cfg.parallel.precision}."
+            f"texts, {cfg.data.pair_batch} pairs; peak lr {cfg.optim.lr:g}; {cfg.parallel.precision}. "
+            f"Visual tokenizer: {_visual_tokenizer_words(cfg)}."
         ),
         "",
     ]
