@@ -62,16 +62,8 @@ def _pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
-#: What ``imglish quickstart --visual-tokenizer`` sets in the pretraining config.
-VISUAL_TOKENIZER_CHOICES: dict[str, dict[str, object]] = {
-    "kmeans": {},  # the quickstart's own recipe
-    "vqkd": {"data.visual_tokenizer_kind": "vqkd", "data.visual_tokenizer_codes": 64,
-             "data.visual_tokenizer_steps": 200, "data.visual_targets": "online"},
-}
-
-
 def _quickstart(args: argparse.Namespace) -> int:
-    from imglish.training.quickstart import quickstart
+    from imglish.training.quickstart import VISUAL_TOKENIZER_CHOICES, quickstart
 
     overrides: dict[str, object] = dict(VISUAL_TOKENIZER_CHOICES.get(args.visual_tokenizer, {}))
     overrides.update(parse_key_values(args.pretrain_set, "--pretrain"))  # a key given here wins
@@ -179,7 +171,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument(
         "--visual-tokenizer",
         dest="visual_tokenizer",
-        choices=sorted(VISUAL_TOKENIZER_CHOICES),
+        choices=("kmeans", "vqkd"),  # imglish.training.quickstart.VISUAL_TOKENIZER_CHOICES
         default=None,
         help="the visual tokenizer trained for pretraining: kmeans (the default: 256 k-means codes of a conv CLIP "
         "trained on the world's pairs, precomputed) or vqkd (the earlier recipe: a tiny VQ-KD reconstructing "

@@ -109,6 +109,12 @@ def conv_tower(patch_size: int, width: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def tower_features(tower: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """``(B, 3, H, W)`` in [0, 1] through a conv tower (inputs normalised with mean and std 0.5) -> ``(B, N, C)``:
+    one feature per patch, row-major."""
+    return tower((images - 0.5) / 0.5).flatten(2).transpose(1, 2)
+
+
 class ConvCLIP(nn.Module):
     """A conv image tower and a small text transformer, each projected and L2-normalised: CLIP's shape.
 
@@ -131,7 +137,7 @@ class ConvCLIP(nn.Module):
 
     def patch_features(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` in [0, 1] -> ``(B, N, width)``: one feature per patch, row-major."""
-        return self.tower((images - 0.5) / 0.5).flatten(2).transpose(1, 2)
+        return tower_features(self.tower, images)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.image_proj(self.patch_features(images).mean(1)), dim=-1)
@@ -247,8 +253,7 @@ class KMeansTokenizer(nn.Module):
         s = self.config.img_size
         if tuple(images.shape[-2:]) != (s, s):
             raise ValueError(f"this k-means tokenizer codes {s}x{s} images, got {images.shape[-2]}x{images.shape[-1]}")
-        feats = self.tower((images.float() - 0.5) / 0.5).flatten(2).transpose(1, 2)
-        return (feats - self.feature_mean) / self.feature_std
+        return (tower_features(self.tower, images.float()) - self.feature_mean) / self.feature_std
 
     @torch.no_grad()
     def get_codebook_indices(self, images: torch.Tensor) -> torch.Tensor:
@@ -587,11 +592,12 @@ def train_kmeans_tokenizer(
         raise ValueError(f"{len(flat)} patches from {len(images)} images are fewer than the {config.n_code} codes "
                          "asked for: lower n_code or give more pairs")
     mean, std = flat.mean(0), flat.std(0) + 1e-6
+    z = (flat - mean) / std
     tok = KMeansTokenizer.from_teacher(model, config.n_code)
     tok.feature_mean.copy_(mean)
     tok.feature_std.copy_(std)
-    tok.centroids.copy_(fit_kmeans((flat - mean) / std, config.n_code, config.kmeans_iters, config.seed))
-    used = int(tok.get_codebook_indices(torch.stack(images[:512])).unique().numel())
+    tok.centroids.copy_(fit_kmeans(z, config.n_code, config.kmeans_iters, config.seed))
+    used = int(torch.cdist(z, tok.centroids).argmin(1).unique().numel())  # over the patches k-means was fitted on
     path = save_kmeans_tokenizer(tok, out / "kmeans.safetensors")
     return KMeansTrainResult(str(path), str(teacher_path), len(losses), losses, used, reader.skipped,
                              time.perf_counter() - t0)

@@ -30,6 +30,7 @@ import torch
 __all__ = [
     "QUICKSTART_FINETUNE",
     "QUICKSTART_TASKS",
+    "VISUAL_TOKENIZER_CHOICES",
     "finetune_config",
     "quickstart",
     "write_report",
@@ -70,6 +71,14 @@ QUICKSTART_OVERRIDES: dict[str, object] = {
     "checkpoint.resume": True,
     "data.heldout_batches": 16,
     "parallel.threads": 0,
+}
+
+#: ``imglish quickstart --visual-tokenizer``: what each choice changes in :data:`QUICKSTART_OVERRIDES`
+#: (``vqkd`` is the recipe before 2026-12-06).
+VISUAL_TOKENIZER_CHOICES: dict[str, dict[str, object]] = {
+    "kmeans": {},
+    "vqkd": {"data.visual_tokenizer_kind": "vqkd", "data.visual_tokenizer_codes": 64,
+             "data.visual_tokenizer_steps": 200, "data.visual_targets": "online"},
 }
 
 
