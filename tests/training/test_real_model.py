@@ -250,3 +250,36 @@ def _sources(images):
     from imglish.training.streams import StreamSources
 
     return StreamSources(images=images)
+
+
+def test_pretrain_with_a_cls_head_through_cli(world, tmp_path):
+    """``objective.cls_head_layers``: the [CLS] head's four terms are trained, logged and scored on held-out
+    batches, and the exported model keeps the head (a resumed or continued run rebuilds it)."""
+    import imglish
+
+    out = tmp_path / "run"
+    rc = cli_main(tiny_pretrain_args(world, out, 3, **{
+        "--objective.cls_head_layers": "1", "--objective.cls_head_weight": "0.5", "--objective.pair_image_mask_ratio":
+        "0.25", "--model.patch_size": "16", "--data.visual_targets": "precomputed", "--data.augment": "false",
+    }))
+    assert rc == 0
+    rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    for term in ("image.cls_mim", "text.cls_mlm", "pair.cls_mlm", "pair.cls_mim"):
+        assert all(f"loss/{term}" in r for r in rows), term
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["heldout"]["pair.cls_mlm"]["tokens"] == summary["heldout"]["pair.mlm"]["tokens"] > 0
+    model = imglish.create_model(None, pretrained=out / "model.safetensors")
+    assert model.cls_head_layers == 1 and model.cls_head_from == 2
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"--objective.cls_head_layers": "1", "--objective.cls_head_weight": "0"},
+     "objective.cls_head_weight must be > 0 with a [CLS] head"),
+    ({"--objective.cls_head_layers": "1", "--objective.cls_head_from": "-2"},
+     "objective.cls_head_from must be a layer (0 for the embeddings) or -1"),
+])
+def test_a_bad_cls_head_setting_is_refused_before_training(world, tmp_path, capsys, flags, message):
+    rc = cli_main(tiny_pretrain_args(world, tmp_path / "run", 3, **flags))
+    assert rc != 0
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run" / "tokenizers").exists()  # refused before any work

@@ -17,9 +17,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from imglish.model.backbone import BEiT3, BEiT3Output
+from imglish.model.backbone import TEXT, VISION, BEiT3, BEiT3Output, MultiwayBlock, expert_keys
 from imglish.model.config import BEiT3Config
-from imglish.model.layers import KVCache, trunc_normal_
+from imglish.model.layers import KVCache, build_attention_mask, trunc_normal_
 
 __all__ = [
     "BEiT3Model",
@@ -411,11 +411,17 @@ class BEiT3ForCaptioning(BEiT3Model):
 
 @dataclass
 class PretrainingOutput:
-    """Masked data modelling outputs: logits at the masked positions only (row-major order), and the features."""
+    """Masked data modelling outputs: logits at the masked positions only (row-major order), and the features.
+
+    ``cls_mim_logits`` / ``cls_mlm_logits`` are the [CLS] head's predictions of the same targets (None without
+    one: ``cls_head_layers=0``).
+    """
 
     mim_logits: Tensor | None
     mlm_logits: Tensor | None
     features: BEiT3Output
+    cls_mim_logits: Tensor | None = None
+    cls_mlm_logits: Tensor | None = None
 
 
 class BEiT3ForPretraining(BEiT3Model):
@@ -423,20 +429,57 @@ class BEiT3ForPretraining(BEiT3Model):
 
     Key names follow the released pretrained files: `mim_head.*` and, for the MLM projection (no bias),
     `beit3.encoder.output_projection.weight` in the official layout.
+
+    Optionally (``cls_head_layers > 0``; not part of BEiT-3, which leaves the pooled tokens untrained) a [CLS] head
+    in the manner of BEiT v2's patch aggregation: a shallow decoder of ``cls_head_layers`` multiway layers reads the
+    first token of each modality from the **last** layer (the vision CLS, the text BOS: what the pooled heads of
+    VQA, NLVR2 and retrieval read) next to every other token from layer ``cls_head_from``, and predicts the same
+    masked targets through the same MIM and MLM heads. The first tokens are then trained to summarise what the
+    middle layer lacks. The head is dropped when a task model loads the weights (``cls_head.*``).
+
+    Args:
+        config: the backbone.
+        num_visual_tokens: size of the visual codebook.
+        cls_head_layers: layers of the [CLS] head (0: none, BEiT-3 as published).
+        cls_head_from: the layer (0 for the embeddings, up to depth - 1) whose tokens the [CLS] head reads besides
+            the first tokens (-1: half the depth). The lower it is, the more the first tokens must carry.
     """
 
     task = "pretraining"
 
-    def __init__(self, config: BEiT3Config, num_visual_tokens: int = 8192) -> None:
+    def __init__(self, config: BEiT3Config, num_visual_tokens: int = 8192, cls_head_layers: int = 0,
+                 cls_head_from: int = -1) -> None:
         super().__init__(config)
         self.num_visual_tokens = num_visual_tokens
         self.mim_head = nn.Linear(config.embed_dim, num_visual_tokens)
         self.mlm_head = nn.Linear(config.embed_dim, config.vocab_size, bias=False)
         _init_head(self.mim_head)
         _init_head(self.mlm_head)
+        if cls_head_layers < 0:
+            raise ValueError(f"cls_head_layers must be >= 0, got {cls_head_layers}")
+        depth = self.num_layers
+        self.cls_head_layers = int(cls_head_layers)
+        self.cls_head_from = int(cls_head_from) if cls_head_from != -1 else depth // 2
+        self.cls_head: nn.ModuleList | None = None
+        self.cls_head_norm: nn.ModuleDict | None = None
+        if self.cls_head_layers:
+            if not 0 <= self.cls_head_from < depth:
+                raise ValueError(
+                    f"cls_head_from must name a layer below the last one (0, the embeddings, to {depth - 1} for a "
+                    f"{depth}-layer backbone; -1 for half the depth), got {cls_head_from}"
+                )
+            self.cls_head = nn.ModuleList(MultiwayBlock(config, 0.0, False) for _ in range(self.cls_head_layers))
+            self.cls_head_norm = nn.ModuleDict(
+                {k: nn.LayerNorm(config.embed_dim, eps=config.layernorm_eps) for k in expert_keys(config)}
+            )
+            _init_head(self.cls_head)
+            _init_head(self.cls_head_norm)
 
     def task_kwargs(self) -> dict:
-        return {"num_visual_tokens": self.num_visual_tokens}
+        kw = {"num_visual_tokens": self.num_visual_tokens}
+        if self.cls_head_layers:
+            kw.update(cls_head_layers=self.cls_head_layers, cls_head_from=self.cls_head_from)
+        return kw
 
     def forward(self, image: Tensor | None = None, text_ids: Tensor | None = None, padding_mask: Tensor | None = None,
                 image_mask: Tensor | None = None, text_mask: Tensor | None = None, **kwargs) -> PretrainingOutput:
@@ -449,15 +492,37 @@ class BEiT3ForPretraining(BEiT3Model):
             image_mask: (B, N) bool, patches replaced by the mask token and predicted by the MIM head.
             text_mask: (B, T) bool, text positions predicted by the MLM head.
         """
-        out = self.beit3(image, text_ids, padding_mask, image_mask=image_mask)
+        if text_mask is not None and text_ids is None:
+            raise ValueError("text_mask was given without text_ids")
+        with_cls = self.cls_head is not None and (image_mask is not None or text_mask is not None)
+        out = self.beit3(image, text_ids, padding_mask, image_mask=image_mask, output_hidden_states=with_cls)
         mim = mlm = None
         if image_mask is not None:
             mim = self.mim_head(out.vision_tokens[:, 1:][image_mask.bool()])
         if text_mask is not None:
-            if text_ids is None:
-                raise ValueError("text_mask was given without text_ids")
             mlm = self.mlm_head(out.text_tokens[text_mask.bool()])
-        return PretrainingOutput(mim_logits=mim, mlm_logits=mlm, features=out)
+        res = PretrainingOutput(mim_logits=mim, mlm_logits=mlm, features=out)
+        if with_cls:
+            xv, xt = self._cls_decode(out)
+            if image_mask is not None:
+                res.cls_mim_logits = self.mim_head(xv[:, 1:][image_mask.bool()])
+            if text_mask is not None:
+                res.cls_mlm_logits = self.mlm_head(xt[text_mask.bool()])
+        return res
+
+    def _cls_decode(self, out: BEiT3Output) -> tuple[Tensor | None, Tensor | None]:
+        """The [CLS] head: the last layer's first tokens with layer ``cls_head_from``'s other tokens, decoded."""
+        last, mid = out.hidden_states[-1], out.hidden_states[self.cls_head_from]
+        nv = out.num_vision_tokens
+        xv = torch.cat([last[:, :1], mid[:, 1:nv]], dim=1) if nv else None
+        xt = torch.cat([last[:, nv:nv + 1], mid[:, nv + 1:]], dim=1) if mid.shape[1] > nv else None
+        mask = build_attention_mask(out.padding_mask, None, mid.shape[1], mid.dtype)
+        fusion = xv is not None and xt is not None
+        for block in self.cls_head:
+            xv, xt = block(xv, xt, mask, None, fusion)
+        xv = self.cls_head_norm[VISION](xv) if xv is not None else None
+        xt = self.cls_head_norm[TEXT](xt) if xt is not None else None
+        return xv, xt
 
 
 TASK_MODELS: dict[str, type[BEiT3Model]] = {

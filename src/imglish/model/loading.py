@@ -31,7 +31,7 @@ __all__ = ["FORMAT", "LoadReport", "convert_checkpoint", "load_checkpoint", "rea
 FORMAT = "imglish/1"
 _POS_KEYS = ("beit3.vision_pos_embed", "vision_pos_embed")
 # Keys a pretrained file may carry that a fine-tuning model does not use (spec §3 "what is missing or left over").
-_BENIGN_UNEXPECTED_PREFIXES = ("mim_head.", "mlm_head.", "beit3.norm.", "norm.")
+_BENIGN_UNEXPECTED_PREFIXES = ("mim_head.", "mlm_head.", "cls_head.", "cls_head_norm.", "beit3.norm.", "norm.")
 
 
 @dataclass

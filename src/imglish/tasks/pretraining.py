@@ -23,6 +23,7 @@ from torch import nn
 from imglish.tasks.base import StepOutput
 
 __all__ = [
+    "CLS_TERMS",
     "STREAMS",
     "TERMS",
     "MDMOutput",
@@ -35,20 +36,25 @@ __all__ = [
 STREAMS = ("image", "text", "pair")
 # (stream, kind): kind "mim" predicts visual codes, "mlm" predicts text ids.
 TERMS = (("image", "mim"), ("text", "mlm"), ("pair", "mlm"), ("pair", "mim"))
+#: the [CLS] head's terms (a model with ``cls_head_layers > 0``): the same targets, predicted through the pooled tokens
+CLS_TERMS = tuple((stream, f"cls_{kind}") for stream, kind in TERMS)
 
 
 #: one micro-batch's result; terms are ``"stream.kind"`` and counts are predicted tokens
 MDMOutput = StepOutput
 
 
-def count_targets(batch: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, int]:
-    """Number of prediction targets of each term in one micro-batch (from its masks)."""
+def count_targets(batch: Mapping[str, Mapping[str, torch.Tensor]], cls_head: bool = False) -> dict[str, int]:
+    """Number of prediction targets of each term in one micro-batch (from its masks); with ``cls_head``, also of
+    the [CLS] head's terms (the same targets)."""
     counts = {}
     for stream, kind in TERMS:
         part = batch.get(stream)
         key = "image_mask" if kind == "mim" else "text_mask"
         if part is not None and part.get(key) is not None:
-            counts[f"{stream}.{kind}"] = int(part[key].sum())
+            counts[f"{stream}.{kind}"] = n = int(part[key].sum())
+            if cls_head:
+                counts[f"{stream}.cls_{kind}"] = n
     return counts
 
 
@@ -72,9 +78,11 @@ class MaskedDataModeling(nn.Module):
         model: a model with the imglish pretraining interface: ``model(image=, text_ids=, padding_mask=,
             image_mask=, text_mask=)`` returning ``mim_logits`` (M, K) and ``mlm_logits`` (M, V).
         weights: weight of each stream's loss, ``{"image": 1.0, "text": 1.0, "pair": 1.0}`` by default.
+        cls_weight: weight of the [CLS] head's terms relative to their stream's (used when the model returns
+            ``cls_mim_logits`` / ``cls_mlm_logits``).
     """
 
-    def __init__(self, model: nn.Module, weights: Mapping[str, float] | None = None) -> None:
+    def __init__(self, model: nn.Module, weights: Mapping[str, float] | None = None, cls_weight: float = 1.0) -> None:
         super().__init__()
         self.model = model
         w = {s: 1.0 for s in STREAMS}
@@ -83,6 +91,7 @@ class MaskedDataModeling(nn.Module):
                 raise ValueError(f"unknown stream {k!r} in weights; expected one of {STREAMS}")
             w[k] = float(v)
         self.weights = w
+        self.cls_weight = float(cls_weight)
 
     @staticmethod
     def _term(logits: torch.Tensor | None, targets: torch.Tensor, name: str) -> tuple[torch.Tensor, ...]:
@@ -135,17 +144,23 @@ class MaskedDataModeling(nn.Module):
             )
             terms = []
             if image_mask is not None:
-                terms.append(("mim", res.mim_logits, part["visual_targets"][image_mask]))
+                targets = part["visual_targets"][image_mask]
+                terms.append(("mim", res.mim_logits, targets, 1.0))
+                if getattr(res, "cls_mim_logits", None) is not None:
+                    terms.append(("cls_mim", res.cls_mim_logits, targets, self.cls_weight))
             if text_mask is not None:
-                terms.append(("mlm", res.mlm_logits, part["text_targets"][text_mask]))
-            for kind, logits, targets in terms:
+                targets = part["text_targets"][text_mask]
+                terms.append(("mlm", res.mlm_logits, targets, 1.0))
+                if getattr(res, "cls_mlm_logits", None) is not None:
+                    terms.append(("cls_mlm", res.cls_mlm_logits, targets, self.cls_weight))
+            for kind, logits, targets, weight in terms:
                 name = f"{stream}.{kind}"
                 ce, correct = self._term(logits, targets, name)
                 n = targets.numel()
                 denom = (
                     float(denominators[name]) if denominators and name in denominators else float(max(n, 1))
                 )
-                total = total + self.weights[stream] * ce / max(denom, 1e-12)
+                total = total + self.weights[stream] * weight * ce / max(denom, 1e-12)
                 out.loss_sum[name] = ce.detach().double()
                 out.count[name] = torch.tensor(n, dtype=torch.float64)
                 out.correct[name] = correct.detach().double()
@@ -160,23 +175,29 @@ class PretrainingTask:
         weights: weight of each stream's loss (``objective.{image,text,pair}_weight``).
         visual_tokenizer: module with ``get_codebook_indices(images_in_0_1)``, or ``None`` when every target is
             precomputed.
+        cls_weight: weight of the [CLS] head's terms (``objective.cls_head_weight``); 0 when the model has no
+            [CLS] head, which leaves its four terms out.
     """
 
     name = "pretraining"
-    terms = tuple(f"{s}.{k}" for s, k in TERMS)
 
-    def __init__(self, weights: Mapping[str, float] | None = None, visual_tokenizer: Any = None) -> None:
+    def __init__(self, weights: Mapping[str, float] | None = None, visual_tokenizer: Any = None,
+                 cls_weight: float = 0.0) -> None:
         self.weights = dict(weights or {})
         self.visual_tokenizer = visual_tokenizer
+        self.cls_weight = float(cls_weight)
+        self.terms = tuple(f"{s}.{k}" for s, k in TERMS + (CLS_TERMS if self.cls_weight else ()))
 
     def step_module(self, model: nn.Module) -> MaskedDataModeling:
-        return MaskedDataModeling(model, self.weights)
+        return MaskedDataModeling(model, self.weights, self.cls_weight)
 
     def term_weight(self, term: str) -> float:
-        return float(self.weights.get(term.split(".")[0], 1.0))
+        stream, kind = term.split(".")
+        w = float(self.weights.get(stream, 1.0))
+        return w * self.cls_weight if kind.startswith("cls_") else w
 
     def count_targets(self, batch: Mapping[str, Mapping[str, torch.Tensor]], step: int) -> dict[str, int]:
-        return count_targets(batch)
+        return count_targets(batch, cls_head=bool(self.cls_weight))
 
     def prepare(self, batch: dict[str, dict[str, torch.Tensor]]) -> None:
         if self.visual_tokenizer is not None:

@@ -172,6 +172,12 @@ class ObjectiveConfig:
         image_weight: weight of the image stream loss in the total.
         text_weight: weight of the text stream loss.
         pair_weight: weight of the pair stream loss.
+        cls_head_layers: layers of a [CLS] head in the manner of BEiT v2 (0: none, BEiT-3 as published). It
+            predicts every stream's masked targets again from the last layer's first tokens (the vision CLS and
+            the text BOS, which VQA, NLVR2 and retrieval pool) and layer ``cls_head_from``'s other tokens, so that
+            pretraining trains the pooled tokens too (``imglish.model.heads.BEiT3ForPretraining``).
+        cls_head_from: the layer whose tokens the [CLS] head reads (0: the embeddings; -1: half the depth).
+        cls_head_weight: weight of the [CLS] head's terms, relative to their stream's weight.
     """
 
     image_mask_ratio: float = 0.4
@@ -183,6 +189,9 @@ class ObjectiveConfig:
     image_weight: float = 1.0
     text_weight: float = 1.0
     pair_weight: float = 1.0
+    cls_head_layers: int = 0
+    cls_head_from: int = -1
+    cls_head_weight: float = 1.0
 
 
 @dataclass
@@ -484,6 +493,17 @@ class TrainConfig:
         for name in ("text_mask_prob", "pair_text_mask_prob"):
             if not 0.0 < getattr(self.objective, name) <= 1.0:
                 raise ValueError(f"objective.{name} must be in (0, 1], got {getattr(self.objective, name)}")
+        if self.objective.cls_head_layers < 0:
+            raise ValueError(f"objective.cls_head_layers must be >= 0, got {self.objective.cls_head_layers}")
+        if self.objective.cls_head_from < -1:
+            raise ValueError(
+                f"objective.cls_head_from must be a layer (0 for the embeddings) or -1 (half the depth), got "
+                f"{self.objective.cls_head_from}"
+            )
+        if self.objective.cls_head_layers and not self.objective.cls_head_weight > 0:
+            raise ValueError(
+                f"objective.cls_head_weight must be > 0 with a [CLS] head, got {self.objective.cls_head_weight}"
+            )
         if o.lr <= 0:
             raise ValueError(f"optim.lr must be > 0, got {o.lr}")
         if o.accum_steps < 1:

@@ -538,10 +538,17 @@ def _build_model(cfg: TrainConfig, vocab_size: int, num_visual_tokens: int) -> n
         "num_visual_tokens": num_visual_tokens,
         "drop_path_rate": cfg.model.drop_path_rate,
     }
+    if cfg.objective.cls_head_layers:
+        kwargs.update(cls_head_layers=cfg.objective.cls_head_layers, cls_head_from=cfg.objective.cls_head_from)
     if cfg.model.init_from:
         return imglish.create_model(cfg.model.name, pretrained=cfg.model.init_from, **kwargs)
     model = imglish.create_model(cfg.model.name, **kwargs)
     model.beit3.init_for_scratch(cfg.model.init_std, cfg.model.pos_init_std)
+    if model.cls_head is not None and cfg.model.init_std is not None:
+        std = cfg.model.init_std
+        for m in model.cls_head.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
     return model
 
 

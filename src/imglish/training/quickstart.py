@@ -495,6 +495,10 @@ _STREAM_NAMES = {
     "text.mlm": "texts (MLM)",
     "pair.mlm": "image-text pairs (MLM)",
     "pair.mim": "image-text pairs (MIM)",
+    "image.cls_mim": "images, [CLS] head (MIM)",
+    "text.cls_mlm": "texts, [CLS] head (MLM)",
+    "pair.cls_mlm": "image-text pairs, [CLS] head (MLM)",
+    "pair.cls_mim": "image-text pairs, [CLS] head (MIM)",
 }
 
 

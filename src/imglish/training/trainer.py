@@ -131,7 +131,8 @@ class Trainer:
         if task is None:
             o = cfg.objective
             task = PretrainingTask(
-                {"image": o.image_weight, "text": o.text_weight, "pair": o.pair_weight}, self.visual_tokenizer
+                {"image": o.image_weight, "text": o.text_weight, "pair": o.pair_weight}, self.visual_tokenizer,
+                cls_weight=o.cls_head_weight if o.cls_head_layers else 0.0,
             )
         self.task = task
         self.terms: list[str] = list(task.terms)
