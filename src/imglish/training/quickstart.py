@@ -50,7 +50,9 @@ WORLD_FORMATS = ("coco", "imagenet", "text", "wds", "vqav2", "nlvr2")
 # colours, sizes and sides), and a semantic visual tokenizer: 256 k-means codes of the patch features of a small
 # conv CLIP trained for 300 steps of 128 on the world's pairs (imglish.tokenizers.kmeans), looked up from a
 # precomputed file. Pretraining uses every core and bf16 autocast where the CPU has native bf16 kernels
-# (resolved when the quickstart starts: see _precision). See docs/quickstart.md for why the values are what they are.
+# (resolved when the quickstart starts: see _precision). A one-layer [CLS] head (objective.cls_head_layers) re-predicts
+# the masked targets from the last layer's first tokens and the embeddings, so that the pooled tokens are pretrained
+# too. See docs/quickstart.md for why the values are what they are.
 QUICKSTART_OVERRIDES: dict[str, object] = {
     "model.patch_size": 16,
     "model.init_std": 0.05,
@@ -71,6 +73,9 @@ QUICKSTART_OVERRIDES: dict[str, object] = {
     "checkpoint.resume": True,
     "data.heldout_batches": 16,
     "parallel.threads": 0,
+    # BEiT v2's [CLS] head, reading the embeddings: trains the pooled tokens that VQA, NLVR2 and retrieval read
+    "objective.cls_head_layers": 1,
+    "objective.cls_head_from": 0,
 }
 
 #: ``imglish quickstart --visual-tokenizer``: what each choice changes in :data:`QUICKSTART_OVERRIDES`
