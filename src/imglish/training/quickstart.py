@@ -518,6 +518,16 @@ def _visual_tokenizer_words(cfg) -> str:
             f"`{d.visual_tokenizer_teacher}`")
 
 
+def _cls_head_words(cfg) -> str:
+    o = cfg.objective
+    if not o.cls_head_layers:
+        return ""
+    source = "the embeddings" if o.cls_head_from == 0 else (
+        "half the depth" if o.cls_head_from == -1 else f"layer {o.cls_head_from}")
+    return (f" A {o.cls_head_layers}-layer [CLS] head re-predicts the masked targets from the last layer's first "
+            f"tokens and {source} (weight {o.cls_head_weight:g}).")
+
+
 def _pretraining_lines(out: Path, summary, cfg) -> list[str]:
     lines = [
         (
@@ -525,7 +535,7 @@ def _pretraining_lines(out: Path, summary, cfg) -> list[str]:
             f"{cfg.model.patch_size}) pretrained with masked data modeling for {summary.steps} steps on the synthetic "
             f"world in `{cfg.data.path}`; batches per step: {cfg.data.image_batch} images, {cfg.data.text_batch} "
             f"texts, {cfg.data.pair_batch} pairs; peak lr {cfg.optim.lr:g}; {cfg.parallel.precision}. "
-            f"Visual tokenizer: {_visual_tokenizer_words(cfg)}."
+            f"Visual tokenizer: {_visual_tokenizer_words(cfg)}.{_cls_head_words(cfg)}"
         ),
         "",
     ]
