@@ -161,6 +161,14 @@ class MultiwayAttention(nn.Module):
         return self._output(ov, ot)
 
 
+@torch.no_grad()
+def redraw_linear_weights(module: nn.Module, std: float) -> None:
+    """Re-draw every Linear weight under ``module`` from N(0, std) cut at two standard deviations (biases kept)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
+
+
 class MultiwayBlock(nn.Module):
     """One pre-LN layer: shared attention with multiway projections, then per-modality FFN experts.
 
@@ -363,9 +371,7 @@ class BEiT3(nn.Module):
         leaves that part official.
         """
         if linear_std is not None:
-            for module in self.modules():
-                if isinstance(module, nn.Linear):
-                    nn.init.trunc_normal_(module.weight, std=linear_std, a=-2 * linear_std, b=2 * linear_std)
+            redraw_linear_weights(self, linear_std)
         if pos_std is not None:
             for table in self._position_tables():
                 nn.init.normal_(table, std=pos_std)

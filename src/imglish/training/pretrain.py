@@ -545,10 +545,9 @@ def _build_model(cfg: TrainConfig, vocab_size: int, num_visual_tokens: int) -> n
     model = imglish.create_model(cfg.model.name, **kwargs)
     model.beit3.init_for_scratch(cfg.model.init_std, cfg.model.pos_init_std)
     if model.cls_head is not None and cfg.model.init_std is not None:
-        std = cfg.model.init_std
-        for m in model.cls_head.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
+        from imglish.model.backbone import redraw_linear_weights
+
+        redraw_linear_weights(model.cls_head, cfg.model.init_std)  # the same start as the backbone's layers
     return model
 
 
