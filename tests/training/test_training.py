@@ -254,3 +254,18 @@ def test_two_process_gloo_matches_one_process(tmp_path, strategy):
     assert worst < 1e-4, worst
     for ra, rb in zip(_history(one), _history(two), strict=True):
         assert math.isclose(ra["loss"], rb["loss"], rel_tol=1e-5), (ra["loss"], rb["loss"])
+
+
+def test_vqa_tiny_preset_boosts_the_answer_head_as_the_recipe_does():
+    import imglish
+
+    cfg = build_config("vqav2_tiny")
+    assert cfg.task.head_lr_weight == 20.0
+    model = imglish.create_model(cfg.model.name, num_classes=7, img_size=64, patch_size=16)
+    groups = param_groups(model, cfg.optim.weight_decay, head_lr_weight=cfg.task.head_lr_weight)
+    scale = {n: g["lr_scale"] for g in groups for n in g["names"]}
+    heads = [n for n in scale if n.startswith("head.")]
+    assert heads and all(scale[n] == 20.0 for n in heads)
+    # the pooler and the backbone keep the base lr (spec §7: only names starting with "head")
+    assert {scale[n] for n in scale if not n.startswith("head.")} == {1.0}
+    assert any(n.startswith("pooler") for n in scale)

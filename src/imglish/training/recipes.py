@@ -104,10 +104,10 @@ _TINY: dict[str, dict[str, typing.Any]] = {
     "imagenet": {"optim.lr": 3e-3, "task.batch_size": 32, "schedule.max_steps": 150, "task.randaug": False,
                  "task.crop_scale": 0.5, "task.random_erasing": 0.0},
     # VQA and NLVR2 read the text through the CLS tokens: short runs (16 image tokens, 16 examples a step), and
-    # VQA starts its answer bias at the training prior (task.head_bias_prior)
+    # VQA starts its answer bias at the training prior (task.head_bias_prior) and keeps the recipe's head lr x20
     "vqav2": {"optim.lr": 3e-4, "task.batch_size": 16, "schedule.max_steps": 100, "schedule.warmup_steps": 5,
               "task.answer_min_count": 1, "task.randaug": False, "model.patch_size": 16, "data.max_text_len": 24,
-              "task.head_bias_prior": True},
+              "task.head_bias_prior": True, "task.head_lr_weight": 20.0},
     "nlvr2": {"optim.lr": 3e-4, "task.batch_size": 16, "schedule.max_steps": 100, "schedule.warmup_steps": 5,
               "model.img_size": 32, "model.patch_size": 16},
     # retrieval from scratch: a dual encoder collapses to constant features (loss stuck at ln(batch)) at 1e-3;
