@@ -114,7 +114,37 @@ def test_cls_head_survives_a_save_and_task_models_drop_it(tmp_path):
 @pytest.mark.parametrize("kw, match", [
     ({"cls_head_layers": 1, "cls_head_from": 4}, "cls_head_from must name a layer below the last one"),
     ({"cls_head_layers": -1}, "cls_head_layers must be >= 0"),
+    ({"cls_head_layers": 1, "cls_head_pairs": "both"}, "cls_head_pairs must be one of fused, unimodal"),
 ])
 def test_bad_cls_head_arguments_are_named(kw, match):
     with pytest.raises(ValueError, match=match):
         imglish.create_model(NAME, img_size=32, patch_size=16, vocab_size=60, num_visual_tokens=20, **kw)
+
+
+def test_unimodal_pairs_feed_the_cls_head_the_towers_first_tokens(tmp_path):
+    """``cls_head_pairs="unimodal"``: a pair's [CLS] head reads the vision CLS of an image-only forward and the text
+    BOS of a text-only one (what retrieval pools), so the masked words it predicts depend on the image only through
+    that CLS; ``"fused"`` reads the pair forward's own first tokens. Saved with the model."""
+    b = _batch()["pair"]
+    uni = _model(1, cls_head_from=0, cls_head_pairs="unimodal").eval()
+    fused = _model(1, cls_head_from=0).eval()
+    fused.load_state_dict(uni.state_dict())
+    args = (b["image"], b["text_ids"], b["padding_mask"])
+    with torch.no_grad():
+        out_u = uni(*args, text_mask=b["text_mask"])
+        out_f = fused(*args, text_mask=b["text_mask"])
+        pair = uni.beit3(*args, output_hidden_states=True)
+        firsts = (uni.beit3(b["image"]).last_hidden_state[:, :1],
+                  uni.beit3(None, b["text_ids"], b["padding_mask"]).last_hidden_state[:, :1])
+        _, xt = uni._cls_decode(pair, firsts)
+    torch.testing.assert_close(out_u.cls_mlm_logits, uni.mlm_head(xt[b["text_mask"]]))
+    torch.testing.assert_close(out_u.mlm_logits, out_f.mlm_logits)  # the main path is the same
+    assert not torch.allclose(out_u.cls_mlm_logits, out_f.cls_mlm_logits, atol=1e-4)
+    # the text-only stream has nothing to swap: both modes agree there
+    with torch.no_grad():
+        t_u = uni(None, b["text_ids"], b["padding_mask"], text_mask=b["text_mask"]).cls_mlm_logits
+        t_f = fused(None, b["text_ids"], b["padding_mask"], text_mask=b["text_mask"]).cls_mlm_logits
+    torch.testing.assert_close(t_u, t_f)
+    path = tmp_path / "m.safetensors"
+    imglish.save_model(uni, path)
+    assert imglish.create_model(None, pretrained=path).cls_head_pairs == "unimodal"

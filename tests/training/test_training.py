@@ -269,3 +269,8 @@ def test_vqa_tiny_preset_boosts_the_answer_head_as_the_recipe_does():
     # the pooler and the backbone keep the base lr (spec §7: only names starting with "head")
     assert {scale[n] for n in scale if not n.startswith("head.")} == {1.0}
     assert any(n.startswith("pooler") for n in scale)
+
+
+def test_bad_cls_head_pairs_is_named_before_any_work():
+    with pytest.raises(ValueError, match="objective.cls_head_pairs must be 'fused' or 'unimodal', got 'towers'"):
+        build_config("tiny", overrides={"objective.cls_head_layers": 1, "objective.cls_head_pairs": "towers"})

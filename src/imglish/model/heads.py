@@ -424,6 +424,10 @@ class PretrainingOutput:
     cls_mlm_logits: Tensor | None = None
 
 
+#: ``BEiT3ForPretraining(cls_head_pairs=...)``: where a pair's first tokens come from for the [CLS] head.
+CLS_HEAD_PAIRS = ("fused", "unimodal")
+
+
 class BEiT3ForPretraining(BEiT3Model):
     """Masked data modelling: MIM head over the visual codebook, MLM head over the text vocabulary (spec §9).
 
@@ -443,12 +447,16 @@ class BEiT3ForPretraining(BEiT3Model):
         cls_head_layers: layers of the [CLS] head (0: none, BEiT-3 as published).
         cls_head_from: the layer (0 for the embeddings, up to depth - 1) whose tokens the [CLS] head reads besides
             the first tokens (-1: half the depth). The lower it is, the more the first tokens must carry.
+        cls_head_pairs: where the [CLS] head takes an image-text pair's first tokens from: ``"fused"``, the pair's
+            own forward (each first token has seen both modalities), or ``"unimodal"``, an image-only and a
+            text-only forward of the same pair (what retrieval's two towers compute): the vision CLS alone must
+            then carry what the masked caption words need from the image. Two extra forwards per pair batch.
     """
 
     task = "pretraining"
 
     def __init__(self, config: BEiT3Config, num_visual_tokens: int = 8192, cls_head_layers: int = 0,
-                 cls_head_from: int = -1) -> None:
+                 cls_head_from: int = -1, cls_head_pairs: str = "fused") -> None:
         super().__init__(config)
         self.num_visual_tokens = num_visual_tokens
         self.mim_head = nn.Linear(config.embed_dim, num_visual_tokens)
@@ -460,6 +468,9 @@ class BEiT3ForPretraining(BEiT3Model):
         depth = self.num_layers
         self.cls_head_layers = int(cls_head_layers)
         self.cls_head_from = int(cls_head_from) if cls_head_from != -1 else depth // 2
+        if cls_head_pairs not in CLS_HEAD_PAIRS:
+            raise ValueError(f"cls_head_pairs must be one of {', '.join(CLS_HEAD_PAIRS)}, got {cls_head_pairs!r}")
+        self.cls_head_pairs = cls_head_pairs
         self.cls_head: nn.ModuleList | None = None
         self.cls_head_norm: nn.ModuleDict | None = None
         if self.cls_head_layers:
@@ -479,6 +490,8 @@ class BEiT3ForPretraining(BEiT3Model):
         kw = {"num_visual_tokens": self.num_visual_tokens}
         if self.cls_head_layers:
             kw.update(cls_head_layers=self.cls_head_layers, cls_head_from=self.cls_head_from)
+            if self.cls_head_pairs != "fused":
+                kw["cls_head_pairs"] = self.cls_head_pairs
         return kw
 
     def forward(self, image: Tensor | None = None, text_ids: Tensor | None = None, padding_mask: Tensor | None = None,
@@ -503,19 +516,29 @@ class BEiT3ForPretraining(BEiT3Model):
             mlm = self.mlm_head(out.text_tokens[text_mask.bool()])
         res = PretrainingOutput(mim_logits=mim, mlm_logits=mlm, features=out)
         if with_cls:
-            xv, xt = self._cls_decode(out)
+            firsts = None
+            if self.cls_head_pairs == "unimodal" and image is not None and text_ids is not None:
+                # retrieval's towers: the image alone and the (masked) text alone give the first tokens
+                v_cls = self.beit3(image).last_hidden_state[:, :1]
+                t_bos = self.beit3(None, text_ids, padding_mask).last_hidden_state[:, :1]
+                firsts = (v_cls, t_bos)
+            xv, xt = self._cls_decode(out, firsts)
             if image_mask is not None:
                 res.cls_mim_logits = self.mim_head(xv[:, 1:][image_mask.bool()])
             if text_mask is not None:
                 res.cls_mlm_logits = self.mlm_head(xt[text_mask.bool()])
         return res
 
-    def _cls_decode(self, out: BEiT3Output) -> tuple[Tensor | None, Tensor | None]:
-        """The [CLS] head: the last layer's first tokens with layer ``cls_head_from``'s other tokens, decoded."""
+    def _cls_decode(
+        self, out: BEiT3Output, firsts: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """The [CLS] head: the last layer's first tokens (or ``firsts``, the vision CLS and text BOS of separate
+        forwards) with layer ``cls_head_from``'s other tokens, decoded."""
         last, mid = out.hidden_states[-1], out.hidden_states[self.cls_head_from]
         nv = out.num_vision_tokens
-        xv = torch.cat([last[:, :1], mid[:, 1:nv]], dim=1) if nv else None
-        xt = torch.cat([last[:, nv:nv + 1], mid[:, nv + 1:]], dim=1) if mid.shape[1] > nv else None
+        v0, t0 = firsts if firsts is not None else (last[:, :1], last[:, nv:nv + 1])
+        xv = torch.cat([v0, mid[:, 1:nv]], dim=1) if nv else None
+        xt = torch.cat([t0, mid[:, nv + 1:]], dim=1) if mid.shape[1] > nv else None
         mask = build_attention_mask(out.padding_mask, None, mid.shape[1], mid.dtype)
         fusion = xv is not None and xt is not None
         for block in self.cls_head:

@@ -178,6 +178,9 @@ class ObjectiveConfig:
             pretraining trains the pooled tokens too (``imglish.model.heads.BEiT3ForPretraining``).
         cls_head_from: the layer whose tokens the [CLS] head reads (0: the embeddings; -1: half the depth).
         cls_head_weight: weight of the [CLS] head's terms, relative to their stream's weight.
+        cls_head_pairs: where the [CLS] head takes a pair's first tokens from: ``fused`` (the pair's own forward)
+            or ``unimodal`` (an image-only and a text-only forward of the pair, as retrieval's towers compute them;
+            two extra forwards per pair batch).
     """
 
     image_mask_ratio: float = 0.4
@@ -192,6 +195,7 @@ class ObjectiveConfig:
     cls_head_layers: int = 0
     cls_head_from: int = -1
     cls_head_weight: float = 1.0
+    cls_head_pairs: str = "fused"
 
 
 @dataclass
@@ -499,6 +503,10 @@ class TrainConfig:
             raise ValueError(
                 f"objective.cls_head_from must be a layer (0 for the embeddings) or -1 (half the depth), got "
                 f"{self.objective.cls_head_from}"
+            )
+        if self.objective.cls_head_pairs not in ("fused", "unimodal"):
+            raise ValueError(
+                f"objective.cls_head_pairs must be 'fused' or 'unimodal', got {self.objective.cls_head_pairs!r}"
             )
         if self.objective.cls_head_layers and not self.objective.cls_head_weight > 0:
             raise ValueError(

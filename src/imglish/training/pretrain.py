@@ -540,6 +540,8 @@ def _build_model(cfg: TrainConfig, vocab_size: int, num_visual_tokens: int) -> n
     }
     if cfg.objective.cls_head_layers:
         kwargs.update(cls_head_layers=cfg.objective.cls_head_layers, cls_head_from=cfg.objective.cls_head_from)
+        if cfg.objective.cls_head_pairs != "fused":
+            kwargs["cls_head_pairs"] = cfg.objective.cls_head_pairs
     if cfg.model.init_from:
         return imglish.create_model(cfg.model.name, pretrained=cfg.model.init_from, **kwargs)
     model = imglish.create_model(cfg.model.name, **kwargs)
