@@ -149,6 +149,8 @@ def test_bad_arguments_are_named(tmp_path):
         quickstart(tmp_path / "x", init=foreign)
     with pytest.raises(ValueError, match="unknown config key 'nosuch.key'"):
         quickstart(tmp_path / "x", finetune_overrides={"nosuch.key": 3})
+    with pytest.raises(ValueError, match="objective.cls_head_pairs must be 'fused' or 'unimodal'"):
+        quickstart(tmp_path / "x", overrides={"objective.cls_head_pairs": "towers"})
     assert not (tmp_path / "x").exists()  # refused before anything ran
     with pytest.raises(SystemExit, match="--skip-pretraining needs --init"):
         cli_main(["quickstart", "--out", str(tmp_path / "y"), "--skip-pretraining"])

@@ -175,11 +175,18 @@ def quickstart(
     for t in tasks:  # a bad fine-tune override is named now, not after pretraining
         build_config(f"{t}_tiny", overrides=dict(QUICKSTART_FINETUNE.get(t, {}), **(finetune_overrides or {})))
     out = Path(out)
+    data = out / "data"
+    cfg = None
+    if init is None:  # the pretraining config, checked before the world is drawn
+        ov: dict[str, object] = dict(QUICKSTART_OVERRIDES, **{"parallel.precision": _precision()})
+        ov.update({"out": str(out), "data.path": str(data), "seed": seed,
+                   "schedule.max_steps": max_steps or QUICKSTART_STEPS})
+        ov.update(overrides or {})
+        cfg = build_config("tiny", overrides=ov)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     state = _load_state(out)
     timings: dict[str, float] = dict(state.get("timings", {}))
-    data = out / "data"
     if not (data / "world.json").exists():
         print(f"[1/4] generating the synthetic world in {data}")
         generate_world(
@@ -191,13 +198,8 @@ def quickstart(
     _check_world(data, tasks)
     finetune_cost = _FINETUNE_MARGIN * sum(_FINETUNE_COST.get(t, 60) for t in tasks) * len(SIDES) / n_jobs
 
-    summary = cfg = None
-    if init is None:
-        ov: dict[str, object] = dict(QUICKSTART_OVERRIDES, **{"parallel.precision": _precision()})
-        ov.update({"out": str(out), "data.path": str(data), "seed": seed,
-                   "schedule.max_steps": max_steps or QUICKSTART_STEPS})
-        ov.update(overrides or {})
-        cfg = build_config("tiny", overrides=ov)
+    summary = None
+    if cfg is not None:
         summary = _finished_pretraining(out, budget_s)
         if summary is None:
             print("[2/4] text tokenizer, [3/4] visual tokenizer (reused from OUT/tokenizers when present), "
